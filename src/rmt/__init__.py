@@ -1,0 +1,9 @@
+"""rmt: RMT (Retentive Networks Meet Vision Transformers) models, training and tools.
+
+``import rmt`` registers ``rmt_t``, ``rmt_s``, ``rmt_b`` and ``rmt_l`` in timm.
+"""
+from . import models
+from .models import RMT
+
+__version__ = "0.1.0"
+__all__ = ["RMT", "models", "__version__"]

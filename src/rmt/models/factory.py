@@ -1,0 +1,91 @@
+"""Building models by name, with weights from a file: what the CLI and the task code call.
+
+``timm.create_model`` works as well (``import rmt`` registers the variants); this adds checked
+names with suggestions, class counts read off the checkpoint, and one-line errors.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import RMTError, did_you_mean
+from .rmt import MODEL_ARGS, default_cfgs
+from .weights import read_checkpoint, read_metadata, unwrap_state_dict
+
+__all__ = ["list_models", "split_name", "create_model", "checkpoint_info"]
+
+
+def list_models(pretrained_tags: bool = False) -> List[str]:
+    """Registered RMT variants (``rmt_t`` ...), or with ``pretrained_tags`` every ``name.tag``."""
+    if not pretrained_tags:
+        return list(MODEL_ARGS)
+    return [f"{name}.{tag}" for name in MODEL_ARGS for tag in default_cfgs[name].tags]
+
+
+def split_name(name: str) -> Tuple[str, Optional[str]]:
+    """``"rmt_s.tl_in1k"`` -> ``("rmt_s", "tl_in1k")``, checking both parts."""
+    base, _, tag = name.partition(".")
+    if base not in MODEL_ARGS:
+        raise RMTError(f"unknown model {name!r}{did_you_mean(name, list_models() + list_models(True))}; "
+                       f"choose from {', '.join(list_models())}")
+    tags = list(default_cfgs[base].tags)
+    if tag and tag not in tags:
+        raise RMTError(f"{base} has no weights tagged {tag!r}{did_you_mean(tag, tags)}; tags: {', '.join(tags)}")
+    return base, tag or None
+
+
+def checkpoint_info(path: str | os.PathLike) -> Dict[str, Any]:
+    """What a checkpoint says about its model without building one: ``num_classes``, ``token_label``,
+    and for our files the stored metadata (``model``, ``class_names``, ...)."""
+    path = Path(path)
+    info = dict(read_metadata(path))
+    if "num_classes" not in info or "token_label" not in info:
+        raw = read_checkpoint(path) if path.suffix == ".safetensors" else _mmap_checkpoint(path)
+        state_dict = unwrap_state_dict(raw)
+        head = state_dict.get("head.weight")
+        info.setdefault("num_classes", int(head.shape[0]) if head is not None else 0)
+        info.setdefault("token_label", "aux_head.weight" in state_dict)
+    return info
+
+
+def _mmap_checkpoint(path: Path) -> Any:
+    """Open a torch checkpoint without reading its tensors (falls back to a full read)."""
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return read_checkpoint(path)
+
+
+def create_model(
+    name: str,
+    checkpoint: Optional[str | os.PathLike] = None,
+    num_classes: Optional[int] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build ``name`` (``rmt_s``, ``rmt_s.tl_in1k``), with the weights of ``checkpoint`` if given.
+
+    ``checkpoint`` is an official ``.pth`` or one of our ``.safetensors``; the class count and the
+    token-labelling head are taken from it unless given. Without a checkpoint the model is randomly
+    initialised. Other keyword arguments go to the model (``drop_path_rate``, ``in_chans``, ...).
+    """
+    base, tag = split_name(name)
+    if checkpoint is None:
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        return timm.create_model(base, pretrained=False, pretrained_cfg=tag, **kwargs)
+    if not Path(checkpoint).is_file():
+        raise RMTError(f"checkpoint not found: {checkpoint}")
+    info = checkpoint_info(checkpoint)
+    ckpt_classes = int(info["num_classes"])
+    kwargs.setdefault("token_label", bool(info["token_label"]))
+    kwargs["num_classes"] = ckpt_classes if num_classes is None else num_classes
+    overlay = dict(file=str(checkpoint), num_classes=ckpt_classes)
+    return timm.create_model(base, pretrained=True, pretrained_cfg=tag, pretrained_cfg_overlay=overlay, **kwargs)

@@ -1,0 +1,205 @@
+"""Manhattan Self-Attention (MaSA), the attention of RMT.
+
+The network talks to this module through two objects only:
+
+* :class:`RelPos2d` -- one per stage. Holds the rotation angles and per-head decay rates (the
+  official ``Relpos.angle`` / ``Relpos.decay`` buffers) and turns them into the tables a
+  resolution needs (:class:`MaSATables`), cached per resolution, device and dtype.
+* :class:`MaSA` -- ``(B, h, w, C) -> (B, h, w, C)`` given those tables; full or decomposed.
+
+Everything about how the attention is computed lives behind those two, so a faster kernel can
+replace the internals without touching the network.
+
+Speed notes (why the code looks the way it does):
+
+* tokens stay channels-last ``(B, h, w, C)`` and every attention pass is a strided *view* of them:
+  ``scaled_dot_product_attention`` reads the strides and writes its output in the token layout, so
+  there are no permute/contiguous round trips;
+* the decomposed passes batch rows as ``(B*h, heads, w, d)`` and columns as ``(B, w*heads, h, d)``,
+  so both are 4-D calls (the fused CPU flash kernel needs 4-D inputs and a 4-D mask; anything else
+  silently takes the slow math path);
+* the decay biases and rotation tables depend only on the resolution, so they are built once.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
+
+
+class MaSATables(NamedTuple):
+    """Everything MaSA needs for one resolution.
+
+    ``cos``/``sin``: ``(h, w, 1, d)`` rotation tables (``sin`` carries the pair signs).
+    ``bias``: full MaSA -- ``(1, n, h*w, h*w)``; decomposed -- the width pass, ``(1, n, w, w)``.
+    ``bias_h``: decomposed only -- the height pass, ``(1, w*n, h, h)`` (one copy per column, since
+    columns and heads share the kernel's head dimension); ``None`` for full MaSA.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    bias: torch.Tensor
+    bias_h: Optional[torch.Tensor]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention will run in: the autocast dtype when autocast is on, else ``x``'s."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class RelPos2d(nn.Module):
+    """Rotation angles and spatial decay of one stage, and the per-resolution tables built from them.
+
+    ``angle``: ``1 / 10000 ** linspace(0, 1, d/2)``, each value repeated twice (interleaved).
+    ``decay``: ``log(1 - 2 ** (-init_value - heads_range * t / n))`` for head ``t``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, init_value: float, heads_range: float, decomposed: bool):
+        super().__init__()
+        key_dim = dim // num_heads
+        base = 1.0 / (10000 ** torch.linspace(0, 1, key_dim // 2))
+        self.register_buffer("angle", base.repeat_interleave(2))
+        heads = torch.arange(num_heads, dtype=torch.float)
+        self.register_buffer("decay", torch.log(1 - 2 ** (-init_value - heads_range * heads / num_heads)))
+        self.num_heads = num_heads
+        self.decomposed = decomposed
+        self._cache: dict = {}
+
+    def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
+        """Tables for an ``h x w`` token grid, on ``x``'s device, in the dtype attention runs in."""
+        dtype = _compute_dtype(x)
+        if torch.compiler.is_compiling():
+            return self._build(h, w, dtype)  # traced into the graph; the compiler folds it
+        # the buffers' versions are in the key: loading new values into them invalidates the tables
+        key = (h, w, dtype, self.angle.device, self.angle._version, self.decay._version)
+        tables = self._cache.get(key)
+        if tables is None:
+            tables = self._build(h, w, dtype)
+            self._cache[key] = tables
+        return tables
+
+    def _apply(self, fn, recurse=True):
+        self._cache = {}  # .to()/.double()/... make new buffers: drop the tables built from the old ones
+        return super()._apply(fn, recurse)
+
+    @torch.no_grad()
+    def _build(self, h: int, w: int, dtype: torch.dtype) -> MaSATables:
+        angle, decay = self.angle, self.decay
+        # the same float ops as the reference, so the tables match it bit for bit
+        position = torch.arange(h * w, device=angle.device).to(angle)  # row-major token index
+        phase = position[:, None] * angle[None, :]
+        signs = torch.tensor([-1.0, 1.0], device=angle.device, dtype=angle.dtype).repeat(angle.numel() // 2)
+        cos = phase.cos().reshape(h, w, 1, -1)
+        sin = (phase.sin() * signs).reshape(h, w, 1, -1)
+        n = self.num_heads
+        if self.decomposed:
+            bias = self._distance_1d(w)[None]
+            bias_h = self._distance_1d(h)[None].expand(w, n, h, h).reshape(1, w * n, h, h)
+        else:
+            rows = torch.arange(h, device=decay.device).to(decay).repeat_interleave(w)
+            cols = torch.arange(w, device=decay.device).to(decay).repeat(h)
+            manhattan = (rows[:, None] - rows[None, :]).abs() + (cols[:, None] - cols[None, :]).abs()
+            bias, bias_h = (manhattan * decay[:, None, None])[None], None
+
+        def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(dtype).contiguous()
+
+        return MaSATables(cast(cos), cast(sin), cast(bias), cast(bias_h))
+
+    def _distance_1d(self, length: int) -> torch.Tensor:
+        index = torch.arange(length, device=self.decay.device).to(self.decay)
+        return (index[:, None] - index[None, :]).abs() * self.decay[:, None, None]
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, decomposed={self.decomposed}"
+
+
+class TokenConv(nn.Module):
+    """Depthwise convolution over channels-last tokens ``(B, h, w, C)``.
+
+    The tokens are viewed as an NCHW tensor in channels-last memory (no copy), convolved, and
+    viewed back. With ``residual=True`` it returns ``x + conv(x)``, computed as one convolution
+    whose centre tap is shifted by one: the same result with one memory pass less, both ways.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, residual: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+        self.residual = residual
+        if residual:
+            centre = torch.zeros(1, 1, kernel_size, kernel_size)
+            centre[..., kernel_size // 2, kernel_size // 2] = 1.0
+            self.register_buffer("centre", centre, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.conv.weight + self.centre if self.residual else self.conv.weight
+        y = F.conv2d(x.permute(0, 3, 1, 2), weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+        return y.permute(0, 2, 3, 1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary shift of ``(B, h, w, n, d)``: pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+class MaSA(nn.Module):
+    """Manhattan Self-Attention over channels-last tokens ``(B, h, w, C)``.
+
+    Full: ``softmax(q' k'^T s + lambda * manhattan) v`` over all tokens. Decomposed: the same along
+    each row, then along each column on the updated values. ``q'``/``k'`` are the rotated queries and
+    keys, ``s = d ** -0.5``; LePE (a depthwise 5x5 conv of ``v``) is added before ``out_proj``.
+
+    The query/key/value projections are one ``Linear(C, 3C)`` (``qkv``); official checkpoints'
+    separate ``q_proj``/``k_proj``/``v_proj`` are concatenated when they are loaded.
+    """
+
+    def __init__(self, dim: int, num_heads: int, decomposed: bool):
+        super().__init__()
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
+        self.num_heads = num_heads
+        self.key_dim = dim // num_heads
+        self.scale = self.key_dim ** -0.5
+        self.decomposed = decomposed
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.lepe = TokenConv(dim, 5)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
+        b, h, w, c = x.shape
+        n, d = self.num_heads, self.key_dim
+        q, k, v = self.qkv(x).split(c, dim=-1)
+        lepe = self.lepe(v)
+        q = _rotate(q.unflatten(-1, (n, d)), tables.cos, tables.sin)  # (b, h, w, n, d), contiguous
+        k = _rotate(k.unflatten(-1, (n, d)), tables.cos, tables.sin)
+        v = v.unflatten(-1, (n, d))
+        if self.decomposed:
+            out = self._decomposed(q, k, v, tables)
+        else:
+            tokens = lambda t: t.reshape(b, h * w, n, d).transpose(1, 2)  # noqa: E731  (b, n, hw, d)
+            out = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v), attn_mask=tables.bias,
+                                                 scale=self.scale)
+        # the kernel writes its (b, heads, len, d) output in (b, len, heads, d) memory: the token layout
+        out = out.transpose(1, 2).reshape(b, h, w, c)
+        return self.out_proj(out + lepe)
+
+    def _decomposed(self, q, k, v, tables: MaSATables) -> torch.Tensor:
+        b, h, w, n, d = q.shape
+        # along the width: one batch entry per (image, row) -> (b*h, n, w, d)
+        rows = lambda t: t.reshape(b * h, w, n, d).transpose(1, 2)  # noqa: E731
+        v = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=tables.bias, scale=self.scale)
+        # along the height: columns and heads share the head dimension -> (b, w*n, h, d)
+        cols = lambda t: t.reshape(b, h, w * n, d).transpose(1, 2)  # noqa: E731
+        v = v.transpose(1, 2).reshape(b, h, w, n, d)
+        return F.scaled_dot_product_attention(cols(q), cols(k), cols(v), attn_mask=tables.bias_h, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, decomposed={self.decomposed}"

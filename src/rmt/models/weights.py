@@ -1,0 +1,138 @@
+"""Reading and writing RMT weights: official ``.pth`` checkpoints and our ``.safetensors``.
+
+Official checkpoints are ``torch.save`` dicts with the weights under ``model`` (and ``model_ema``,
+``optimizer``, ``args`` -- an ``argparse.Namespace`` --, ...), sometimes under ``state_dict``, some
+with a ``module.`` prefix from DDP. They are read with ``weights_only=True``: the Namespace is
+allowed explicitly (it only holds plain values), nothing else is unpickled.
+
+Our own format is safetensors: the model's state dict (fused ``qkv``), with the variant name and
+any class names in the file's metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ..errors import RMTError
+
+__all__ = [
+    "CheckpointError", "read_checkpoint", "read_state_dict", "unwrap_state_dict", "save_weights",
+    "read_metadata", "convert_checkpoint",
+]
+
+WEIGHT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+"""Where a checkpoint dict may keep its weights, in order of preference (EMA weights last: the
+reference evaluates ``model``)."""
+
+
+class CheckpointError(RMTError, ValueError):
+    """A file that cannot be read as RMT weights."""
+
+
+def _torch_load(path: Path) -> Any:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Load a checkpoint file safely: safetensors, or a ``torch.save`` file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _torch_load(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch and safetensors raise many types for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {first})") from e
+
+
+def unwrap_state_dict(checkpoint: Any, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The weights inside a loaded checkpoint: picks ``model``/``state_dict``/``model_ema`` and strips
+    ``module.`` prefixes. ``use_ema`` prefers the EMA weights when the file has them."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"expected a dict of weights, found {type(checkpoint).__name__}")
+    order = WEIGHT_KEYS[2:] + WEIGHT_KEYS[:2] if use_ema else WEIGHT_KEYS
+    for key in order:
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = {}
+    for key, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"entry {key!r} is a {type(value).__name__}, not a tensor: not a weights file")
+        state_dict[key[len("module."):] if key.startswith("module.") else key] = value
+    if not state_dict:
+        raise CheckpointError("the checkpoint holds no weights")
+    return state_dict
+
+
+def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """:func:`read_checkpoint` + :func:`unwrap_state_dict`."""
+    checkpoint = read_checkpoint(path)
+    try:
+        return unwrap_state_dict(checkpoint, use_ema=use_ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
+    """The metadata of one of our safetensors files (``model``, ``class_names``, ...); {} otherwise."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``model``'s state dict as safetensors; ``metadata`` values are stored as JSON."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    return path
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model_name: Optional[str] = None,
+    use_ema: bool = False,
+) -> Tuple[str, Path]:
+    """Convert an official checkpoint to our safetensors format.
+
+    The variant is read off the weights unless ``model_name`` is given; the weights are loaded into
+    that model (which checks every key and shape) and saved from it. Returns ``(model_name, dst)``.
+    """
+    import timm
+
+    from .rmt import CheckpointMismatchError, checkpoint_filter_fn, guess_variant
+
+    state_dict = read_state_dict(src, use_ema=use_ema)
+    name = model_name or guess_variant(state_dict)
+    if name is None:
+        raise CheckpointMismatchError(f"{src}: the weights match no RMT variant; pass the model name")
+    token_label = name.endswith("_tl")
+    base = name[: -len("_tl")] if token_label else name
+    token_label = token_label or "aux_head.weight" in state_dict
+    num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 1000
+    model = timm.create_model(base, pretrained=False, num_classes=num_classes, token_label=token_label)
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+    metadata = dict(model=base, token_label=token_label, num_classes=num_classes, source=Path(src).name)
+    return base, save_weights(model, dst, metadata)

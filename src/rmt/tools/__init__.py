@@ -1,0 +1,1 @@
+"""Tools built on the models: FLOPs, benchmark, predict, export, visualisation."""

@@ -1,0 +1,64 @@
+"""Reference data from the official implementation (tests/data/golden, see SOURCE.md there)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+TINY_ARGS = dict(
+    embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4), init_values=(2, 2, 2, 2),
+    heads_ranges=(4, 4, 6, 6), mlp_ratios=(3, 3, 3, 3), projection=64, num_classes=10, drop_path_rate=0.0,
+)
+TINY_CASES = {
+    "official_tiny": dict(TINY_ARGS, decomposed=(True, True, False, False), layer_scale=(False, False, True, True)),
+    "official_tiny_tl": dict(TINY_ARGS, decomposed=(True, True, True, False), token_label=True),
+}
+
+
+def load_golden(name: str) -> dict:
+    return json.loads((GOLDEN / f"{name}.json").read_text())
+
+
+def official_state_dict(keys) -> dict[str, torch.Tensor]:
+    """Rebuild the seeded synthetic weights the golden outputs were produced with (SOURCE.md)."""
+    g = torch.Generator().manual_seed(1234)
+    out = {}
+    for name, shape, fixed in keys:
+        if fixed is not None:
+            t = torch.tensor(fixed, dtype=torch.float32)
+        elif name.endswith("num_batches_tracked"):
+            t = torch.tensor(0)
+        elif name.endswith("running_var"):
+            t = 0.5 + torch.rand(shape, generator=g)
+        elif name.endswith("running_mean"):
+            t = 0.1 * torch.randn(shape, generator=g)
+        elif "gamma" in name:
+            t = 0.5 + 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) >= 2:
+            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+            if name.endswith(("out_proj.weight", "fc2.weight")) or any(s in name for s in (".pos.", ".lepe.", "dwconv")):
+                t = t * 0.2
+        elif name.endswith("weight"):
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = 0.02 * torch.randn(shape, generator=g)
+        out[name] = t
+    return out
+
+
+def case_input(case: dict) -> torch.Tensor:
+    return torch.randn(case["input_shape"], generator=torch.Generator().manual_seed(case["input_seed"]))
+
+
+def save_official_checkpoint(path: Path, state_dict: dict, wrap: str = "model", prefix: str = "") -> Path:
+    """Save weights the way the official training script does (with an argparse.Namespace in ``args``)."""
+    import argparse
+
+    weights = {prefix + k: v for k, v in state_dict.items()}
+    payload = {wrap: weights, "epoch": 299, "args": argparse.Namespace(model="RMT_T3", lr=1e-3, input_size=224)}
+    torch.save(payload, path)
+    return path
