@@ -41,11 +41,15 @@ def split_name(name: str) -> Tuple[str, Optional[str]]:
 
 def checkpoint_info(path: str | os.PathLike) -> Dict[str, Any]:
     """What a checkpoint says about its model without building one: ``num_classes``, ``token_label``,
-    and for our files the stored metadata (``model``, ``class_names``, ...)."""
+    and, for the files this package writes, ``model``, ``class_names`` and ``data_config``."""
     path = Path(path)
     info = dict(read_metadata(path))
     if "num_classes" not in info or "token_label" not in info:
         raw = read_checkpoint(path) if path.suffix == ".safetensors" else _mmap_checkpoint(path)
+        if isinstance(raw, dict):  # run checkpoints (last.pth / best.pth) carry these next to the weights
+            for key, name in (("model_name", "model"), ("class_names", "class_names"), ("data_config", "data_config")):
+                if raw.get(key) is not None:
+                    info.setdefault(name, raw[key])
         state_dict = unwrap_state_dict(raw)
         head = state_dict.get("head.weight")
         info.setdefault("num_classes", int(head.shape[0]) if head is not None else 0)

@@ -75,8 +75,8 @@ class RelPos2d(nn.Module):
     def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
         """Tables for an ``h x w`` token grid, on ``x``'s device, in the dtype attention runs in."""
         dtype = _compute_dtype(x)
-        if torch.compiler.is_compiling():
-            return self._build(h, w, dtype)  # traced into the graph; the compiler folds it
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._build(h, w, dtype)  # part of the traced graph, so exported models take any size
         # the buffers' versions are in the key: loading new values into them invalidates the tables
         key = (h, w, dtype, self.angle.device, self.angle._version, self.decay._version)
         tables = self._cache.get(key)
@@ -96,12 +96,12 @@ class RelPos2d(nn.Module):
         position = torch.arange(h * w, device=angle.device).to(angle)  # row-major token index
         phase = position[:, None] * angle[None, :]
         signs = torch.tensor([-1.0, 1.0], device=angle.device, dtype=angle.dtype).repeat(angle.numel() // 2)
-        cos = phase.cos().reshape(h, w, 1, -1)
-        sin = (phase.sin() * signs).reshape(h, w, 1, -1)
+        cos = phase.cos().unflatten(0, (h, w))[:, :, None]
+        sin = (phase.sin() * signs).unflatten(0, (h, w))[:, :, None]
         n = self.num_heads
         if self.decomposed:
             bias = self._distance_1d(w)[None]
-            bias_h = self._distance_1d(h)[None].expand(w, n, h, h).reshape(1, w * n, h, h)
+            bias_h = self._distance_1d(h).expand(w, n, h, h).flatten(0, 1)[None]
         else:
             rows = torch.arange(h, device=decay.device).to(decay).repeat_interleave(w)
             cols = torch.arange(w, device=decay.device).to(decay).repeat(h)
@@ -184,22 +184,24 @@ class MaSA(nn.Module):
         if self.decomposed:
             out = self._decomposed(q, k, v, tables)
         else:
-            tokens = lambda t: t.reshape(b, h * w, n, d).transpose(1, 2)  # noqa: E731  (b, n, hw, d)
+            tokens = lambda t: t.flatten(1, 2).transpose(1, 2)  # noqa: E731  (b, n, hw, d)
             out = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v), attn_mask=tables.bias,
-                                                 scale=self.scale)
-        # the kernel writes its (b, heads, len, d) output in (b, len, heads, d) memory: the token layout
-        out = out.transpose(1, 2).reshape(b, h, w, c)
-        return self.out_proj(out + lepe)
+                                                 scale=self.scale).transpose(1, 2).contiguous().unflatten(1, (h, -1))
+        # the kernel writes its (b, heads, len, d) output in (b, len, heads, d) memory, the token layout,
+        # so `.contiguous()` copies nothing here; it is for tracers, whose kernel stand-ins report
+        # another layout (and flatten/unflatten with -1 keep symbolic shapes provable for export)
+        return self.out_proj(out.flatten(-2) + lepe)
 
     def _decomposed(self, q, k, v, tables: MaSATables) -> torch.Tensor:
         b, h, w, n, d = q.shape
         # along the width: one batch entry per (image, row) -> (b*h, n, w, d)
-        rows = lambda t: t.reshape(b * h, w, n, d).transpose(1, 2)  # noqa: E731
+        rows = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731
         v = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=tables.bias, scale=self.scale)
+        v = v.transpose(1, 2).contiguous().unflatten(0, (b, -1))  # (b, h, w, n, d)
         # along the height: columns and heads share the head dimension -> (b, w*n, h, d)
-        cols = lambda t: t.reshape(b, h, w * n, d).transpose(1, 2)  # noqa: E731
-        v = v.transpose(1, 2).reshape(b, h, w, n, d)
-        return F.scaled_dot_product_attention(cols(q), cols(k), cols(v), attn_mask=tables.bias_h, scale=self.scale)
+        cols = lambda t: t.flatten(2, 3).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(cols(q), cols(k), cols(v), attn_mask=tables.bias_h, scale=self.scale)
+        return out.transpose(1, 2).contiguous().unflatten(2, (-1, n))  # (b, h, w, n, d)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, decomposed={self.decomposed}"

@@ -34,7 +34,8 @@ from timm.models import load_pretrained as timm_load_pretrained
 from ..errors import RMTError
 from .masa import MaSA, MaSATables, RelPos2d, TokenConv
 
-__all__ = ["RMT", "MODEL_ARGS", "checkpoint_filter_fn", "CheckpointMismatchError"]
+__all__ = ["RMT", "MODEL_ARGS", "checkpoint_filter_fn", "remap_official_keys", "CheckpointMismatchError",
+           "guess_variant", "infer_arch"]
 
 _logger = logging.getLogger(__name__)
 
@@ -471,7 +472,7 @@ def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
                 token_label="aux_head.weight" in state_dict)
 
 
-def _to_rmt_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def remap_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Official key layout -> ours: fuse q/k/v projections, ``Relpos`` -> ``relpos``."""
     out: Dict[str, torch.Tensor] = {}
     qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
@@ -499,7 +500,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RMT) -> Dict[str, to
     """
     from .weights import unwrap_state_dict
 
-    state_dict = _to_rmt_keys(unwrap_state_dict(state_dict))
+    state_dict = remap_official_keys(unwrap_state_dict(state_dict))
     expected = model.state_dict()
     if model.aux_head is None and "aux_head.weight" in state_dict:
         _logger.warning("Dropping the checkpoint's token-labelling aux_head: the model was built without "

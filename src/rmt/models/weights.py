@@ -22,7 +22,7 @@ from ..errors import RMTError
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "read_state_dict", "unwrap_state_dict", "save_weights",
-    "read_metadata", "convert_checkpoint",
+    "read_metadata", "convert_checkpoint", "load_matching_weights",
 ]
 
 WEIGHT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
@@ -136,3 +136,27 @@ def convert_checkpoint(
     model.load_state_dict(checkpoint_filter_fn(state_dict, model))
     metadata = dict(model=base, token_label=token_label, num_classes=num_classes, source=Path(src).name)
     return base, save_weights(model, dst, metadata)
+
+
+def load_matching_weights(model: torch.nn.Module, path: str | os.PathLike, prefix: str = "",
+                          use_ema: bool = False) -> Dict[str, list]:
+    """Load what fits of a checkpoint (official or ours) into ``model``: for fine-tuning with another
+    head or class count, and for dense-prediction backbones.
+
+    ``prefix`` selects a sub-tree of the checkpoint (e.g. ``"backbone."``) and strips it. Keys
+    whose shapes differ, or that the checkpoint lacks, keep the model's fresh initialisation.
+    Returns ``{"loaded", "reinitialised", "unexpected"}`` key lists; raises when nothing fits.
+    """
+    from .rmt import remap_official_keys
+
+    source = read_state_dict(path, use_ema=use_ema)
+    if prefix:
+        source = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+    source = remap_official_keys(source)
+    target = model.state_dict()
+    fits = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
+    if not fits:
+        raise CheckpointError(f"{path}: none of its weights fit {type(model).__name__}; wrong model?")
+    model.load_state_dict(fits, strict=False)
+    return dict(loaded=sorted(fits), reinitialised=sorted(k for k in target if k not in fits),
+                unexpected=sorted(k for k in source if k not in target))

@@ -1,0 +1,1 @@
+"""Semantic segmentation with RMT backbones (UperNet, Semantic FPN)."""
