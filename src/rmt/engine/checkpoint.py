@@ -12,7 +12,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ import torch
 from ..errors import RMTError
 from ..models.weights import read_checkpoint
 
-__all__ = ["atomic_save", "load_run_checkpoint", "rng_state", "set_rng_state", "CheckpointWriteError",
-           "atomic_copy"]
+__all__ = ["atomic_write", "atomic_save", "atomic_copy", "load_run_checkpoint", "rng_state", "set_rng_state",
+           "CheckpointWriteError"]
 
 
 class CheckpointWriteError(RMTError):
@@ -47,52 +47,45 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same directory, which
+    is then fsynced and renamed over ``path``. On any failure ``path`` is untouched and the
+    temporary file removed; a full disk raises :class:`CheckpointWriteError`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointWriteError(f"no space left to write {path}; the previous checkpoint is kept") from e
-        if isinstance(e, (OSError, RuntimeError)) and "No space left" in str(e):
-            raise CheckpointWriteError(f"no space left to write {path}; the previous checkpoint is kept") from e
+        tmp.unlink(missing_ok=True)
+        if _disk_full(e):
+            raise CheckpointWriteError(f"no space left on the device to write {path}; "
+                                       f"the previous {path.name} is kept") from e
         raise
     return path
 
 
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, (OSError, RuntimeError)) and "No space left" in str(e)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy a file atomically (temporary file in the destination directory, then rename)."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, dst)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointWriteError(f"no space left to write {dst}; the previous file is kept") from e
-        raise
-    return dst
+    """Copy a file atomically (see :func:`atomic_write`)."""
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_run_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:

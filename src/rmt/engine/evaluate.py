@@ -48,10 +48,12 @@ def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def report_bad_files(bad: Sequence, where: str) -> None:
-    if bad:
-        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3])
-        _logger.warning("%s: skipped %d unreadable image(s): %s%s", where, len(bad), shown,
-                        " ..." if len(bad) > 3 else "")
+    """Log how many distinct files could not be decoded, and the first few with their reasons."""
+    unique = list(dict(bad).items())  # a file drawn several times (repeated augmentation) counts once
+    if unique:
+        shown = "; ".join(f"{p} ({r})" for p, r in unique[:3])
+        _logger.warning("%s: skipped %d unreadable image(s): %s%s", where, len(unique), shown,
+                        " ..." if len(unique) > 3 else "")
 
 
 @torch.no_grad()
@@ -107,9 +109,11 @@ def evaluate_checkpoint(model_name: Optional[str], checkpoint: str, data: Option
 
     from ..data import DigitsDataset, ImageFolderDataset, eval_transform
     from ..errors import RMTError
-    from ..models.factory import checkpoint_info, create_model
+    from ..models.factory import checkpoint_info, create_model, split_name
     from .distributed import resolve_device
 
+    if model_name is not None:
+        split_name(model_name)  # a wrong name is reported before any file is read
     if not Path(checkpoint).is_file():
         raise RMTError(f"checkpoint not found: {checkpoint}")
     info = checkpoint_info(checkpoint)

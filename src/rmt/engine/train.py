@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -40,7 +39,7 @@ from ..data import build_datasets, collate_skip_bad
 from ..data.sampling import ResumableSampler, SeededDataset
 from ..errors import RMTError
 from ..models.weights import load_matching_weights
-from .checkpoint import atomic_copy, atomic_save, load_run_checkpoint, rng_state, set_rng_state
+from .checkpoint import atomic_copy, atomic_save, atomic_write, load_run_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, save_config
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
 from .evaluate import autocast_context, eval_loader, evaluate, report_bad_files
@@ -110,7 +109,7 @@ def plot_curves(rows: List[Dict[str, Any]], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -123,13 +122,11 @@ def _read_metrics(path: Path, upto_epoch: int) -> List[Dict[str, Any]]:
 
 
 def _write_metrics(path: Path, rows: List[Dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in METRIC_COLUMNS})
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- the job
@@ -172,6 +169,8 @@ class _Trainer:
                 _logger.warning("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); each process keeps its "
                                 "own batch statistics")
         self.model = model
+        self.norm_stats = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                           for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         self.global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
         self.ema = None
         if cfg.model_ema:
@@ -332,6 +331,8 @@ class _Trainer:
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         sync = nullcontext() if last_micro or not self.info.distributed else self.ddp.no_sync()
+        # a skipped step must not leave its batch statistics behind (a NaN image poisons them)
+        stats = [b.clone() for b in self.norm_stats] if self.cfg.max_bad_steps > 0 else None
         with sync:
             with autocast_context(self.device, self.amp_dtype):
                 outputs = self.ddp(images)
@@ -340,6 +341,9 @@ class _Trainer:
             if not math.isfinite(loss_value):
                 self._non_finite()
                 self.optimizer.zero_grad(set_to_none=True)
+                if stats is not None:
+                    for buf, saved in zip(self.norm_stats, stats):
+                        buf.copy_(saved)
                 return None, 0
             scaled = loss / self.cfg.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -393,16 +397,14 @@ class _Trainer:
             meta = dict(model=self.cfg.model, class_names=list(self.classes), num_classes=len(self.classes),
                         token_label=self.token_label, data_config=self.data.data_config, epoch=row["epoch"],
                         val_top1=row["val_top1"])
-            tmp = self.output / ".model.safetensors.tmp"
-            save_weights(self.model, tmp, meta)
-            os.replace(tmp, self.output / "model.safetensors")
+            atomic_write(self.output / "model.safetensors", lambda tmp: save_weights(self.model, tmp, meta))
         if self.cfg.keep_checkpoints > 0:
             atomic_copy(last, self.output / f"epoch_{row['epoch']:04d}.pth")
             for old in sorted(self.output.glob("epoch_*.pth"))[: -self.cfg.keep_checkpoints]:
                 old.unlink(missing_ok=True)
-        _write_metrics(self.output / "metrics.csv", self.history)
+        atomic_write(self.output / "metrics.csv", lambda tmp: _write_metrics(tmp, self.history))
         try:
-            plot_curves(self.history, self.output / "curves.png")
+            atomic_write(self.output / "curves.png", lambda tmp: plot_curves(self.history, tmp))
         except Exception as e:  # a plot must never stop a run
             _logger.warning("could not draw curves.png: %s", e)
 

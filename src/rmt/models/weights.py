@@ -39,6 +39,20 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _unreadable_reason(e: Exception) -> str:
+    """A short, accurate reason for a failed load (torch's own messages suggest unsafe loading)."""
+    text = str(e)
+    if isinstance(e, EOFError) or "Ran out of input" in text:
+        return "the file is empty or truncated"
+    if "failed finding central directory" in text or "not a ZIP archive" in text or "PytorchStreamReader" in text:
+        return "the file is truncated or corrupt (not a complete torch checkpoint archive)"
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("not a weights-only torch checkpoint: it is not a checkpoint, or it stores objects other than "
+                "tensors and plain data")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"{type(e).__name__}: {first}"
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """Load a checkpoint file safely: safetensors, or a ``torch.save`` file with ``weights_only=True``."""
     path = Path(path)
@@ -50,11 +64,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 
             return load_file(str(path))
         return _torch_load(path)
-    except CheckpointError:
-        raise
     except Exception as e:  # torch and safetensors raise many types for a bad file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {first})") from e
+        raise CheckpointError(f"cannot read {path} as a checkpoint: {_unreadable_reason(e)}") from e
 
 
 def unwrap_state_dict(checkpoint: Any, use_ema: bool = False) -> Dict[str, torch.Tensor]:

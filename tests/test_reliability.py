@@ -1,0 +1,276 @@
+"""Crash safety, exact resume and clear errors on bad input."""
+import errno
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rmt.cli import main
+from rmt.data import DigitsDataset, ImageFolderDataset
+from rmt.engine import load_config, train
+from rmt.engine.checkpoint import CheckpointWriteError, atomic_save
+from rmt.engine.train import NonFiniteLossError
+from rmt.errors import RMTError
+
+TINY = dict(max_train_samples=96, max_val_samples=32, img_size=16, batch_size=16, epochs=2, warmup_epochs=1)
+
+
+def tiny(tmp_path, **overrides):
+    return load_config("digits", dict(TINY, output=str(tmp_path / "run"), **overrides))
+
+
+# ------------------------------------------------------------------------------- atomic writes
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    atomic_save({"epoch": 1}, path)
+
+    def half_written(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # as if the process were stopped mid-write
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no temporary file left
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    atomic_save({"epoch": 1}, path)
+
+    def no_space(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(CheckpointWriteError, match="no space left on the device to write .*last.pth"):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_keep_n_epoch_checkpoints(tmp_path):
+    train(tiny(tmp_path, epochs=3, keep_checkpoints=2))
+    assert sorted(p.name for p in (tmp_path / "run").glob("epoch_*.pth")) == ["epoch_0002.pth", "epoch_0003.pth"]
+
+
+# ------------------------------------------------------------------------------- kill and resume
+def _run(args, env, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "rmt", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _progress(path: Path):
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:  # not written yet
+        return None
+    return ckpt["epoch"] * 1000 + ckpt["step"]
+
+
+def test_sigkill_at_random_steps_then_resume_is_bit_exact(tmp_path):
+    """Kill the training process (SIGKILL) at random points; `--resume auto` must end with exactly the
+    weights of an uninterrupted run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    common = ["--max-train-samples", "96", "--max-val-samples", "32", "--img-size", "16", "--batch-size", "16",
+              "--epochs", "2", "--warmup-epochs", "1", "--checkpoint-interval", "1"]
+    reference = _run(common + ["--output", str(tmp_path / "reference")], env)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+    expected = torch.load(tmp_path / "reference" / "last.pth", weights_only=True)
+    rng = random.Random(1234)
+    kill_points = sorted(rng.sample(range(1, 12), 3))  # 6 steps per epoch, 12 in all
+    killed_at = []
+    for n, target in enumerate(kill_points):
+        out = tmp_path / f"killed{n}"
+        proc = _run(common + ["--output", str(out)], env)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            progress = _progress(out / "last.pth")
+            if progress is not None and (progress // 1000) * 6 + progress % 1000 >= target:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        killed_at.append(_progress(out / "last.pth"))
+        resumed = _run(common + ["--output", str(out), "--resume", "auto"], env)
+        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+        final = torch.load(out / "last.pth", weights_only=True)
+        for key, value in expected["model"].items():
+            assert torch.equal(value, final["model"][key]), (target, key)
+        for key, value in expected["optimizer"]["state"].items():
+            assert torch.equal(value["exp_avg"], final["optimizer"]["state"][key]["exp_avg"])
+        assert (out / "metrics.csv").read_text().splitlines()[1:] != []
+    print("killed at (epoch*1000 + step):", killed_at)
+
+
+def test_sigint_saves_and_exits_zero_with_resume_hint(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    proc = _run(["--max-train-samples", "512", "--max-val-samples", "32", "--img-size", "16", "--batch-size", "8",
+                 "--epochs", "3", "--output", str(out), "--checkpoint-interval", "2"], env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (_progress(out / "last.pth") or 0) >= 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "interrupted at epoch 1" in stderr and "--resume auto" in stderr
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["step"] > 2  # saved where it stopped, not only the periodic checkpoint
+
+
+# ------------------------------------------------------------------------------- non-finite loss
+def _poison(monkeypatch, index: int):
+    original = DigitsDataset.__getitem__
+
+    def getitem(self, i):
+        image, label = original(self, i)
+        if self.augment and i == index:
+            image = torch.full_like(image, float("nan"))
+        return image, label
+
+    monkeypatch.setattr(DigitsDataset, "__getitem__", getitem)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, epochs=2)
+    train(load_config("digits", dict(TINY, output=cfg.output, epochs=1)))  # a good epoch 1 checkpoint
+    good = torch.load(Path(cfg.output) / "last.pth", weights_only=True)
+    _poison(monkeypatch, 5)
+    with pytest.raises(NonFiniteLossError, match=r"not finite at epoch 2, step \d+; stopped"):
+        train(load_config(str(Path(cfg.output) / "config.yaml"), {"epochs": 2, "resume": "auto"}))
+    kept = torch.load(Path(cfg.output) / "last.pth", weights_only=True)
+    assert (kept["epoch"], kept["step"]) == (good["epoch"], good["step"])
+
+
+def test_bad_steps_can_be_skipped(tmp_path, monkeypatch, caplog):
+    _poison(monkeypatch, 5)
+    with caplog.at_level(logging.INFO):
+        result = train(tiny(tmp_path, max_bad_steps=2))
+    assert not result.stopped_early and len(result.history) == 2
+    state = torch.load(result.output / "last.pth", weights_only=True)
+    assert state["bad_steps"] == 2  # one poisoned batch per epoch
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------- bad data
+def _odd_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+
+    def rgb(size=(20, 24)):
+        return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                rgb().save(d / f"ok{i}.png")
+    train_a = root / "train" / "a"
+    good = train_a / "good.jpg"
+    rgb((64, 64)).save(good, quality=90)
+    (train_a / "truncated.jpg").write_bytes(good.read_bytes()[:400])
+    (train_a / "not_an_image.jpg").write_text("this is text")
+    Image.fromarray((rng.integers(0, 65535, (16, 16))).astype(np.uint16)).save(train_a / "deep.png")
+    rgb().convert("CMYK").save(train_a / "cmyk.jpg")
+    rgb().convert("P", palette=Image.ADAPTIVE).save(train_a / "palette.png")
+    rgb().convert("RGBA").save(train_a / "alpha.png")
+    (train_a / "notes.txt").write_text("ignored: no image extension")
+    (root / "train" / "empty").mkdir()
+    return root
+
+
+def test_bad_files_are_skipped_and_reported(tmp_path, caplog):
+    root = _odd_folder(tmp_path / "data")
+    dataset = ImageFolderDataset(root / "train")
+    assert dataset.classes == ["a", "b", "empty"]
+    deep = dataset[[p for p, _ in dataset.samples].index(str(root / "train" / "a" / "deep.png"))][0]
+    assert np.asarray(deep).std() > 10  # 16-bit scaled to 8 bits, not clipped to white
+    cfg = load_config("rmt_t", dict(data=str(root), img_size=32, batch_size=4, epochs=1, warmup_epochs=0,
+                                    workers=0, output=str(tmp_path / "run"), mixup=0.0, cutmix=0.0,
+                                    repeated_aug=False))
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg)
+    assert len(result.history) == 1
+    assert "skipped 2 unreadable image(s)" in caplog.text
+    assert "truncated.jpg" in caplog.text and "not_an_image.jpg" in caplog.text
+    assert "empty class folder" in caplog.text
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("missing", "--data: no such directory"),
+    ("no_val", "expected .*/train/<class>/\\* and .*/val/<class>/\\*"),
+    ("class_mismatch", "has classes that the training split does not: zebra"),
+])
+def test_bad_dataset_layouts_exit_2_with_one_line(tmp_path, capsys, layout, message):
+    import re
+
+    root = tmp_path / "data"
+    if layout != "missing":
+        _odd_folder(root)
+    if layout == "no_val":
+        import shutil
+
+        shutil.rmtree(root / "val")
+    if layout == "class_mismatch":
+        (root / "val" / "zebra").mkdir()
+        Image.new("RGB", (8, 8)).save(root / "val" / "zebra" / "z.png")
+    code = main(["train", "--data", str(root), "--output", str(tmp_path / "run"), "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("rmt: error:") and "\n" not in err and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+# ------------------------------------------------------------------------------- bad checkpoints
+def test_corrupt_resume_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"\x00" * 100)
+    assert main(["train", "--output", str(run), "--resume", "auto", "--epochs", "1"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_resume_of_another_model(tmp_path, capsys):
+    result = train(tiny(tmp_path, epochs=1))
+    code = main(["train", "--output", str(result.output), "--resume", "auto", "--model", "rmt_s", "--epochs", "2",
+                 "--img-size", "16", "--max-train-samples", "96"])
+    assert code == 2 and "checkpoint is for rmt_t, not rmt_s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--checkpoint", "nope.safetensors"], "checkpoint not found"),
+    (["eval", "--model", "rmt_x", "--checkpoint", __file__], "unknown model 'rmt_x'"),
+    (["train", "--finetune", __file__, "--epochs", "1"], "cannot read"),
+    (["train", "--config", "digitz"], "did you mean 'digits'"),
+    (["train", "--batch-size", "0"], "batch_size must be positive"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rmt: error:") and message in err and "\n" not in err, err
+
+
+def test_no_error_is_swallowed_as_user_error(tmp_path, monkeypatch):
+    """Bugs keep their tracebacks: only RMTError becomes a one-line message."""
+
+    def broken(cfg):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("rmt.engine.train", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", "--epochs", "1", "--output", str(tmp_path / "r")])
+    assert issubclass(NonFiniteLossError, RMTError)
