@@ -314,3 +314,21 @@ class TestTokenLabel:
         with torch.device("meta"):
             assert timm.create_model("rmt_s.tl_in1k").aux_head is not None
             assert timm.create_model("rmt_s").aux_head is None
+
+
+@pytest.mark.parametrize("decomposed", [True, False])
+def test_complex_and_real_rotation_agree(decomposed):
+    """The complex-multiply fast path and the real-arithmetic path (used when tracing) rotate alike."""
+    from rmt.models.masa import RelPos2d, _rotate
+
+    relpos = RelPos2d(dim=64, num_heads=4, init_value=2, heads_range=4, decomposed=decomposed)
+    tables = relpos(5, 7, torch.zeros(1))
+    assert tables.phase is not None
+    x = torch.randn(2, 5, 7, 4, 16, requires_grad=True)
+    fast = _rotate(x, tables)
+    real = _rotate(x, tables._replace(phase=None))
+    torch.testing.assert_close(fast, real, atol=1e-6, rtol=1e-6)
+    grad = torch.randn_like(fast)
+    (g_fast,) = torch.autograd.grad(fast, x, grad)
+    (g_real,) = torch.autograd.grad(real, x, grad)
+    torch.testing.assert_close(g_fast, g_real, atol=1e-6, rtol=1e-6)

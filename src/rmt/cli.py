@@ -213,8 +213,76 @@ def _add_token_labels(sub) -> None:
     p.set_defaults(func=_cmd_token_labels)
 
 
+# ---------------------------------------------------------------------------------- benchmark
+def _cmd_benchmark(args) -> int:
+    import sys
+
+    from .tools.benchmark import DEFAULT_PEERS, benchmark
+
+    models = list(args.models)
+    if not args.no_peers:
+        peers = args.peers if args.peers is not None else \
+            [f"reference:{m}" for m in models if m.startswith("rmt_")] + list(DEFAULT_PEERS)
+        models += [p for p in peers if p not in models]
+    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    rows = []
+    for mode in modes:
+        def progress(i, n, mode=mode):
+            if not args.json and sys.stderr.isatty():
+                print(f"\r{mode}: round {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+        results = benchmark(models, batch_size=args.batch_size, img_size=tuple(args.img_size), mode=mode,
+                            warmup=args.warmup, iters=args.iters, device=args.device,
+                            compile_model=args.compile, channels_last=args.channels_last,
+                            memory=not args.no_memory, progress=progress)
+        first = results[0]
+        for r in results:
+            row = r.to_dict()
+            row["speedup_of_first"] = first.img_per_s and first.img_per_s / r.img_per_s
+            rows.append(row)
+    if args.json:
+        _print_json(rows)
+        return 0
+    h, w = args.img_size
+    print(f"batch {args.batch_size}, {h}x{w}, {args.device}, {torch_threads()} threads, median of {args.iters} "
+          f"interleaved rounds after {args.warmup} warm-up")
+    print(format_table(rows, [("model", "model", ""), ("mode", "mode", ""), ("img_per_s", "img/s", ".1f"),
+                              ("ms_per_batch", "ms/batch", ".0f"), ("peak_mb", "peak MB", ".0f"),
+                              ("speedup_of_first", f"{rows[0]['model']} speed-up", ".2f")]))
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="throughput and peak memory, side by side with peers",
+                       description="Time models interleaved in one process: img/s (median of rounds after "
+                                   "warm-up) and peak tensor memory. By default each rmt_* model is compared "
+                                   "with its straightforward reference implementation, swin_tiny and "
+                                   "convnext_tiny.")
+    p.add_argument("models", nargs="+", help="rmt_s, reference:rmt_s, or timm model names")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="infer")
+    p.add_argument("--iters", type=int, default=5, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per model first")
+    p.add_argument("--peers", nargs="*", default=None, help="models to compare with (default: reference + timm)")
+    p.add_argument("--no-peers", action="store_true", help="time only the given models")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model first")
+    p.add_argument("--channels-last", action="store_true", help="channels-last inputs and weights")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_benchmark)
+
+
 # -------------------------------------------------------------------------------------- main
-_COMMANDS: List[Callable] = [_add_train, _add_eval, _add_token_labels, _add_models, _add_flops, _add_convert]
+_COMMANDS: List[Callable] = [_add_train, _add_eval, _add_token_labels, _add_models, _add_flops, _add_convert,
+                             _add_benchmark]
 # packages that add their own subcommands: each module has `add_commands(subparsers)`
 _COMMAND_MODULES = ("rmt.tools.cli", "rmt.detection.cli", "rmt.segmentation.cli")
 

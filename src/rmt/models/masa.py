@@ -35,6 +35,8 @@ class MaSATables(NamedTuple):
     """Everything MaSA needs for one resolution.
 
     ``cos``/``sin``: ``(h, w, 1, d)`` rotation tables (``sin`` carries the pair signs).
+    ``phase``: the same rotation as complex numbers ``cos + i sin``, ``(h, w, 1, d/2)``, for float32/64
+    in eager mode (one complex multiply instead of three real passes); ``None`` otherwise.
     ``bias``: full MaSA -- ``(1, n, h*w, h*w)``; decomposed -- the width pass, ``(1, n, w, w)``.
     ``bias_h``: decomposed only -- the height pass, ``(1, w*n, h, h)`` (one copy per column, since
     columns and heads share the kernel's head dimension); ``None`` for full MaSA.
@@ -44,6 +46,12 @@ class MaSATables(NamedTuple):
     sin: torch.Tensor
     bias: torch.Tensor
     bias_h: Optional[torch.Tensor]
+    phase: Optional[torch.Tensor] = None
+
+
+def _tracing() -> bool:
+    """Compiling, exporting or tracing: tables are then built in the graph, in real arithmetic."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,7 +83,7 @@ class RelPos2d(nn.Module):
     def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
         """Tables for an ``h x w`` token grid, on ``x``'s device, in the dtype attention runs in."""
         dtype = _compute_dtype(x)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if _tracing():
             return self._build(h, w, dtype)  # part of the traced graph, so exported models take any size
         # the buffers' versions are in the key: loading new values into them invalidates the tables
         key = (h, w, dtype, self.angle.device, self.angle._version, self.decay._version)
@@ -111,7 +119,10 @@ class RelPos2d(nn.Module):
         def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(dtype).contiguous()
 
-        return MaSATables(cast(cos), cast(sin), cast(bias), cast(bias_h))
+        phase = None
+        if dtype in (torch.float32, torch.float64) and not _tracing():
+            phase = torch.complex(cos[..., ::2].to(dtype), sin[..., 1::2].to(dtype)).contiguous()
+        return MaSATables(cast(cos), cast(sin), cast(bias), cast(bias_h), phase)
 
     def _distance_1d(self, length: int) -> torch.Tensor:
         index = torch.arange(length, device=self.decay.device).to(self.decay)
@@ -144,10 +155,16 @@ class TokenConv(nn.Module):
         return y.permute(0, 2, 3, 1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary shift of ``(B, h, w, n, d)``: pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)."""
+def _rotate(x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
+    """Rotary shift of ``(B, h, w, n, d)``: pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
+
+    That is the complex product ``(x0 + i x1) * (cos + i sin)``: one pass over ``x`` when the
+    complex table applies (see :class:`MaSATables`), else the same arithmetic in real numbers.
+    """
+    if tables.phase is not None and x.dtype == tables.phase.real.dtype:
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * tables.phase).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return torch.addcmul(x * cos, swapped, sin)
+    return torch.addcmul(x * tables.cos, swapped, tables.sin)
 
 
 class MaSA(nn.Module):
@@ -178,8 +195,8 @@ class MaSA(nn.Module):
         n, d = self.num_heads, self.key_dim
         q, k, v = self.qkv(x).split(c, dim=-1)
         lepe = self.lepe(v)
-        q = _rotate(q.unflatten(-1, (n, d)), tables.cos, tables.sin)  # (b, h, w, n, d), contiguous
-        k = _rotate(k.unflatten(-1, (n, d)), tables.cos, tables.sin)
+        q = _rotate(q.unflatten(-1, (n, d)), tables)  # (b, h, w, n, d), contiguous
+        k = _rotate(k.unflatten(-1, (n, d)), tables)
         v = v.unflatten(-1, (n, d))
         if self.decomposed:
             out = self._decomposed(q, k, v, tables)
