@@ -152,7 +152,8 @@ def _add_train(sub) -> None:
         description="Train an RMT classifier. With no --config and no --data, trains RMT-T on the bundled "
                     "digits (configs/digits.yaml); with --data DIR and no --config, uses the paper's ImageNet "
                     "recipe. Under torchrun, trains with DDP.")
-    p.add_argument("--config", default=None, help="YAML config: a path or a bundled name (digits, rmt_s, rmt_s_tl, ...)")
+    p.add_argument("--config", default=None,
+                   help="YAML config: a path or a bundled name (digits, rmt_s, rmt_s_tl, ...)")
     _config_flags(p)
     p.set_defaults(func=_cmd_train)
 
@@ -215,10 +216,14 @@ def _add_token_labels(sub) -> None:
 
 # ---------------------------------------------------------------------------------- benchmark
 def _cmd_benchmark(args) -> int:
-    import sys
+    import torch
 
     from .tools.benchmark import DEFAULT_PEERS, benchmark
 
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise RMTError("--threads must be positive")
+        torch.set_num_threads(args.threads)
     models = list(args.models)
     if not args.no_peers:
         peers = args.peers if args.peers is not None else \
@@ -234,7 +239,7 @@ def _cmd_benchmark(args) -> int:
         results = benchmark(models, batch_size=args.batch_size, img_size=tuple(args.img_size), mode=mode,
                             warmup=args.warmup, iters=args.iters, device=args.device,
                             compile_model=args.compile, channels_last=args.channels_last,
-                            memory=not args.no_memory, progress=progress)
+                            memory=not args.no_memory, amp=args.amp, progress=progress)
         first = results[0]
         for r in results:
             row = r.to_dict()
@@ -244,18 +249,12 @@ def _cmd_benchmark(args) -> int:
         _print_json(rows)
         return 0
     h, w = args.img_size
-    print(f"batch {args.batch_size}, {h}x{w}, {args.device}, {torch_threads()} threads, median of {args.iters} "
-          f"interleaved rounds after {args.warmup} warm-up")
+    print(f"batch {args.batch_size}, {h}x{w}, {args.device}{', autocast ' + args.amp if args.amp else ''}, "
+          f"{torch.get_num_threads()} threads, median of {args.iters} interleaved rounds after {args.warmup} warm-up")
     print(format_table(rows, [("model", "model", ""), ("mode", "mode", ""), ("img_per_s", "img/s", ".1f"),
                               ("ms_per_batch", "ms/batch", ".0f"), ("peak_mb", "peak MB", ".0f"),
                               ("speedup_of_first", f"{rows[0]['model']} speed-up", ".2f")]))
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _add_benchmark(sub) -> None:
@@ -267,7 +266,11 @@ def _add_benchmark(sub) -> None:
     p.add_argument("models", nargs="+", help="rmt_s, reference:rmt_s, or timm model names")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    p.add_argument("--mode", choices=["infer", "train", "both"], default="infer")
+    p.add_argument("--mode", choices=["infer", "features", "train", "both"], default="infer",
+                   help="infer: images -> logits; features: images -> last feature map; train: forward, "
+                        "backward and AdamW step; both: infer and train (default: infer)")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast the forward (default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--iters", type=int, default=5, help="timed rounds")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per model first")
     p.add_argument("--peers", nargs="*", default=None, help="models to compare with (default: reference + timm)")

@@ -296,7 +296,8 @@ class _Trainer:
         for batch, skipped in bar:
             bad.extend(skipped)
             if batch is not None:
-                loss_value, n = self._train_step(batch, last_micro=(self.step + 1) % accum == 0 or self.step + 1 == steps)
+                last_micro = (self.step + 1) % accum == 0 or self.step + 1 == steps
+                loss_value, n = self._train_step(batch, last_micro=last_micro)
                 if loss_value is not None:
                     self.partial += torch.tensor([loss_value * n, n], dtype=torch.float64)
                     images_seen += n

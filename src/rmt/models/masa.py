@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import fused_linear, gelu_dwconv
+
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
 
 
@@ -149,9 +151,14 @@ class TokenConv(nn.Module):
             centre[..., kernel_size // 2, kernel_size // 2] = 1.0
             self.register_buffer("centre", centre, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """``conv(x)`` (``x + conv(x)`` with ``residual``); ``gelu=True`` convolves ``gelu(x)`` instead."""
         weight = self.conv.weight + self.centre if self.residual else self.conv.weight
-        y = F.conv2d(x.permute(0, 3, 1, 2), weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+        nchw = x.permute(0, 3, 1, 2)
+        if gelu:
+            y = gelu_dwconv(nchw, weight, self.conv.bias, self.conv.padding)
+        else:
+            y = F.conv2d(nchw, weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
         return y.permute(0, 2, 3, 1)
 
 
@@ -190,10 +197,14 @@ class MaSA(nn.Module):
         self.lepe = TokenConv(dim, 5)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """MaSA of ``x``; with ``residual``/``scale`` given, ``residual + scale * MaSA(x)`` (fused where it can be)."""
         b, h, w, c = x.shape
         n, d = self.num_heads, self.key_dim
-        q, k, v = self.qkv(x).split(c, dim=-1)
+        q, k, v = fused_linear(x, self.qkv).split(c, dim=-1)
+        if v.requires_grad:  # saved by LePE and attention: a copy of its own lets the q/k part be freed
+            v = v.contiguous()
         lepe = self.lepe(v)
         q = _rotate(q.unflatten(-1, (n, d)), tables)  # (b, h, w, n, d), contiguous
         k = _rotate(k.unflatten(-1, (n, d)), tables)
@@ -207,7 +218,7 @@ class MaSA(nn.Module):
         # the kernel writes its (b, heads, len, d) output in (b, len, heads, d) memory, the token layout,
         # so `.contiguous()` copies nothing here; it is for tracers, whose kernel stand-ins report
         # another layout (and flatten/unflatten with -1 keep symbolic shapes provable for export)
-        return self.out_proj(out.flatten(-2) + lepe)
+        return fused_linear(out.flatten(-2) + lepe, self.out_proj, scale=scale, residual=residual)
 
     def _decomposed(self, q, k, v, tables: MaSATables) -> torch.Tensor:
         b, h, w, n, d = q.shape

@@ -229,6 +229,10 @@ class ReferenceRMT(nn.Module):
                 x = layer.downsample(x)
         return outs
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output as NCHW, like :meth:`rmt.models.RMT.forward_features`."""
+        return self.forward_stages(x)[-1].permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.forward_stages(x)[-1]
         y = self.norm(self.proj(tokens).permute(0, 3, 1, 2))

@@ -32,6 +32,7 @@ from timm.models._features import feature_take_indices
 from timm.models import load_pretrained as timm_load_pretrained
 
 from ..errors import RMTError
+from .fused import fused_linear
 from .masa import MaSA, MaSATables, RelPos2d, TokenConv
 
 __all__ = ["RMT", "MODEL_ARGS", "checkpoint_filter_fn", "remap_official_keys", "CheckpointMismatchError",
@@ -41,7 +42,10 @@ _logger = logging.getLogger(__name__)
 
 
 class FFN(nn.Module):
-    """``fc1 -> GELU -> h + DWConv3x3(h) -> fc2`` over channels-last tokens."""
+    """``fc1 -> GELU -> h + DWConv3x3(h) -> fc2`` over channels-last tokens.
+
+    With ``residual``/``scale`` given, returns ``residual + scale * FFN(x)`` (fused where it can be).
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -49,8 +53,13 @@ class FFN(nn.Module):
         self.dwconv = TokenConv(hidden, 3, residual=True)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dwconv(F.gelu(self.fc1(x))))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.is_grad_enabled():  # GELU goes with the conv, which then stores only its input
+            hidden = self.dwconv(fused_linear(x, self.fc1), gelu=True)
+        else:  # inference: GELU rides on fc1's matmul
+            hidden = self.dwconv(fused_linear(x, self.fc1, gelu=True))
+        return fused_linear(hidden, self.fc2, scale=scale, residual=residual)
 
 
 class RMTBlock(nn.Module):
@@ -80,10 +89,14 @@ class RMTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
         x = self.pos(x)
-        y = self.retention(self.retention_layer_norm(x), tables)
-        x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
-        y = self.ffn(self.final_layer_norm(x))
-        return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
+        if self.training and not isinstance(self.drop_path, nn.Identity):  # stochastic depth: unfused
+            y = self.retention(self.retention_layer_norm(x), tables)
+            x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
+            y = self.ffn(self.final_layer_norm(x))
+            return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
+        # residual adds and layer scale ride on the output projections (see rmt.models.fused)
+        x = self.retention(self.retention_layer_norm(x), tables, residual=x, scale=self.gamma_1)
+        return self.ffn(self.final_layer_norm(x), residual=x, scale=self.gamma_2)
 
 
 class Downsample(nn.Module):
