@@ -4,6 +4,7 @@
 """
 from . import models
 from .models import RMT
+from .tools.predict import predict
 
 __version__ = "0.1.0"
-__all__ = ["RMT", "models", "__version__"]
+__all__ = ["RMT", "__version__", "models", "predict"]

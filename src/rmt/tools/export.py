@@ -1,0 +1,262 @@
+"""Exporting a classifier to ONNX, TorchScript or a ``torch.export`` program (``rmt export``).
+
+Every export is checked right after it is written: the file is loaded back (ONNX with ONNX
+Runtime) and run on random inputs of several batch sizes (and image sizes, when those are dynamic);
+the largest absolute difference to the PyTorch model's logits is reported, and the export fails
+when it exceeds ``atol``.
+
+What each format supports (all in float32, eval mode):
+
+=================== =========================== =============================================
+format              file                        dynamic dimensions
+=================== =========================== =============================================
+exported-program    ``torch.export.save`` .pt2  batch, height, width (height/width >= 33 px)
+onnx                ONNX (weights embedded)     batch, height, width (height/width >= 33 px)
+torchscript         ``torch.jit.trace`` .pt     batch, height, width (any size)
+=================== =========================== =============================================
+
+The MaSA tables (decay biases, rotation) are built inside the graph when a model is traced or
+exported (see :class:`rmt.models.masa.RelPos2d`), which is what makes height and width dynamic.
+``torch.export`` proves its shape guards for sizes of at least 33 pixels (below that the last
+stage has a single token and the graph specialises), so for ONNX and exported programs, models
+whose own input is smaller (the 32x32 digits models) are exported with a fixed height and width
+unless a larger ``img_size`` is given. A TorchScript trace records the size arithmetic itself and
+works at any size; like the others, it is checked at a second, non-square size after export.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RMTError
+
+__all__ = ["FORMATS", "ExportResult", "ExportVerificationError", "export_model", "load_exported",
+           "verify_export"]
+
+_logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+MIN_DYNAMIC_SIZE = 33
+"""Smallest height/width an export with dynamic height/width accepts (torch.export's guard)."""
+
+
+class ExportVerificationError(RMTError):
+    """The exported file's outputs differ from the PyTorch model's by more than the tolerance."""
+
+
+@dataclass
+class ExportResult:
+    """What was written and how it compared with the PyTorch model."""
+
+    path: Path
+    format: str
+    input_size: tuple[int, int, int]  # (C, H, W) of the example the model was exported with
+    dynamic: list[str]  # "batch", "height", "width"
+    checks: list[dict[str, Any]] = field(default_factory=list)  # {"shape": [B, C, H, W], "max_abs_diff"}
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        return max((c["max_abs_diff"] for c in self.checks), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "format": self.format, "input_size": list(self.input_size),
+                    "dynamic": self.dynamic, "checks": self.checks, "max_abs_diff": self.max_abs_diff}
+
+
+def _repeat_interleave_int(x: torch.Tensor, repeats, dim: int | None = None, output_size=None) -> torch.Tensor:
+    """``x.repeat_interleave(repeats, dim)`` for an integer ``repeats``, as unsqueeze + expand + flatten.
+
+    Used before the ONNX translation: onnxscript's ``aten::repeat_interleave.self_int`` builds the
+    tile shape ``[repeats, 1]`` instead of ``[1, repeats]`` when ``repeats`` is symbolic, which breaks
+    the full-MaSA distance table (``arange(h).repeat_interleave(w)``) at every input size.
+    """
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    dim = dim % x.dim()
+    shape = list(x.shape)
+    expanded = x.unsqueeze(dim + 1).expand(*shape[:dim + 1], repeats, *shape[dim + 1:])
+    return expanded.flatten(dim, dim + 1)
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, dynamic: Sequence[str]):
+    from torch.export import Dim
+
+    axes = {"batch": 0, "height": 2, "width": 3}
+    spec = {axes[name]: Dim.DYNAMIC for name in dynamic}
+    return torch.export.export(model, (example,), dynamic_shapes=(spec,) if spec else None)
+
+
+def _write(model: nn.Module, example: torch.Tensor, fmt: str, path: Path, dynamic: Sequence[str],
+           opset: int | None) -> None:
+    if fmt == "exported-program":
+        # through a file object: torch.export.save warns about any file name not ending in .pt2
+        with open(path, "wb") as f:
+            torch.export.save(_torch_export(model, example, dynamic), f)
+    elif fmt == "torchscript":
+        with warnings.catch_warnings():
+            # torch.jit is deprecated in favour of torch.export, and warns about constants that
+            # depend only on the head size (they are constants of the model, not of the input)
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, example, check_trace=False)
+            torch.jit.save(traced, str(path))
+    elif fmt == "onnx":
+        _require("onnxscript", "onnx")
+        program = _torch_export(model, example, dynamic)
+        if "height" in dynamic or "width" in dynamic:  # the translation bug needs a symbolic `repeats`
+            program = program.run_decompositions({torch.ops.aten.repeat_interleave.self_int: _repeat_interleave_int})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            torch.onnx.export(program, (example,), str(path), dynamo=True, input_names=["images"],
+                              output_names=["logits"], opset_version=opset, external_data=False, verbose=False)
+    else:
+        raise RMTError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def _require(module: str, fmt: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise RMTError(f"exporting to {fmt} needs the {module} package: pip install 'rmt[export]'")
+
+
+def load_exported(path: str | os.PathLike, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Load an exported file as a function ``images (B, C, H, W) -> logits`` (CPU, float32).
+
+    ``fmt`` is guessed from the suffix when not given: ``.onnx``, ``.pt2`` (exported program),
+    anything else TorchScript.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RMTError(f"no exported model at {path}")
+    fmt = fmt or {".onnx": "onnx", ".pt2": "exported-program"}.get(path.suffix, "torchscript")
+    if fmt == "onnx":
+        _require("onnxruntime", "onnx")
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+
+        def run_onnx(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {input_name: images.detach().cpu().numpy()})[0])
+
+        return run_onnx
+    if fmt == "exported-program":
+        with open(path, "rb") as f:
+            module = torch.export.load(f).module()
+    elif fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=FutureWarning)  # torch.jit is deprecated
+            module = torch.jit.load(str(path), map_location="cpu")
+    else:
+        raise RMTError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+    @torch.no_grad()
+    def run_torch(images: torch.Tensor) -> torch.Tensor:
+        return module(images)
+
+    return run_torch
+
+
+def verify_shapes(input_size: tuple[int, int, int], dynamic: Sequence[str]) -> list[tuple[int, int, int, int]]:
+    """The input shapes an export is checked at: the example's (batch 2), other batch sizes when the batch
+    is dynamic, and a larger, non-square size when height and width are."""
+    c, h, w = input_size
+    shapes = [(2, c, h, w)]
+    if "batch" in dynamic:
+        shapes += [(1, c, h, w), (3, c, h, w)]
+    if "height" in dynamic or "width" in dynamic:
+        shapes.append((1, c, h + 32 if "height" in dynamic else h, w + 64 if "width" in dynamic else w))
+    return shapes
+
+
+@torch.no_grad()
+def verify_export(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
+                  shapes: Sequence[tuple[int, int, int, int]], seed: int = 0) -> list[dict[str, Any]]:
+    """Max abs difference between ``model`` and the exported ``run`` on random inputs of each shape."""
+    generator = torch.Generator().manual_seed(seed)
+    checks = []
+    for shape in shapes:
+        images = torch.randn(shape, generator=generator)
+        expected = model(images).float()
+        try:
+            got = run(images).float()
+        except Exception as e:  # the runtimes raise their own types for a shape they do not accept
+            raise ExportVerificationError(f"the exported model fails on input {list(shape)}: "
+                                          f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
+        if got.shape != expected.shape:
+            raise ExportVerificationError(f"the exported model returns {list(got.shape)} for input {list(shape)}, "
+                                          f"PyTorch {list(expected.shape)}")
+        checks.append({"shape": list(shape), "max_abs_diff": float((got - expected).abs().max())})
+    return checks
+
+
+def export_model(
+    model: str | nn.Module | None,
+    output: str | os.PathLike,
+    fmt: str = "onnx",
+    checkpoint: str | os.PathLike | None = None,
+    img_size: tuple[int, int] | None = None,
+    dynamic_size: bool | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+    opset: int | None = None,
+) -> ExportResult:
+    """Export a classifier (image -> logits) and check the file against PyTorch.
+
+    Args:
+        model: a variant name (``rmt_t``), ``None`` to take it from one of our checkpoints, or a
+            built model.
+        output: the file to write.
+        fmt: ``"onnx"``, ``"torchscript"`` or ``"exported-program"``.
+        checkpoint: weights to load (official ``.pth`` or ours); without one the weights are random.
+        img_size: ``(H, W)`` of the example input; default: the model's evaluation size (the
+            checkpoint's data config for ours, else ``pretrained_cfg``).
+        dynamic_size: export height and width as dynamic; default: when the example is at least
+            33 px both ways. The batch is always dynamic.
+        verify: load the file back and compare it with PyTorch (see :func:`verify_export`).
+        atol: the largest absolute difference of logits the check accepts.
+        opset: ONNX opset (default: the exporter's).
+    """
+    if fmt not in FORMATS:
+        raise RMTError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    from .predict import load_classifier
+
+    classifier = load_classifier(model, checkpoint, device="cpu")
+    net = classifier.model.float().eval()
+    channels = int(classifier.data_config["input_size"][0])
+    h, w = img_size or classifier.data_config["input_size"][-2:]
+    h, w = int(h), int(w)
+    if dynamic_size is None:  # a trace has no shape guards: any size (checked below)
+        dynamic_size = fmt == "torchscript" or min(h, w) >= MIN_DYNAMIC_SIZE
+    elif dynamic_size and min(h, w) < MIN_DYNAMIC_SIZE and fmt != "torchscript":
+        raise RMTError(f"dynamic height/width needs an example of at least {MIN_DYNAMIC_SIZE} px "
+                       f"(got {h}x{w}): pass --img-size, or export a fixed size")
+    dynamic = ["batch"] + (["height", "width"] if dynamic_size else [])
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(2, channels, h, w, generator=torch.Generator().manual_seed(0))
+    try:
+        _write(net, example, fmt, path, dynamic, opset)
+    except RMTError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RMTError(f"exporting to {fmt} failed: {type(e).__name__}: {first[:300]}") from e
+    result = ExportResult(path, fmt, (channels, h, w), dynamic)
+    if verify:
+        result.checks = verify_export(net, load_exported(path, fmt), verify_shapes((channels, h, w), dynamic))
+        if result.max_abs_diff > atol:
+            raise ExportVerificationError(
+                f"{path} differs from the PyTorch model by up to {result.max_abs_diff:.3g} (> {atol:g}) "
+                f"on inputs {[c['shape'] for c in result.checks]}; the file is kept for inspection")
+    return result

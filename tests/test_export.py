@@ -1,0 +1,156 @@
+"""`rmt export`: each format is written with a dynamic batch, loaded back in its own runtime and
+compared with PyTorch (max abs diff <= 1e-4 in float32)."""
+import json
+
+import pytest
+import timm
+import torch
+
+from golden import TINY_CASES, load_golden, official_state_dict
+from rmt.cli import main
+from rmt.errors import RMTError
+from rmt.models import RMT
+from rmt.models.rmt import checkpoint_filter_fn
+from rmt.tools.export import ExportVerificationError, export_model, load_exported, verify_export
+from rmt.tools.predict import Classifier
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Export and the runtimes' first calls are op-by-op work on small tensors: on a small shared CPU,
+    a second intra-op thread only adds wake-up latency (TorchScript calls measured ~1 s vs ~0.01 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The golden tiny model with its seeded weights: logits of order one, so 1e-4 is a real bound."""
+    model = RMT(**TINY_CASES["official_tiny"]).eval()
+    state = official_state_dict(load_golden("official_tiny")["keys"])
+    model.load_state_dict(checkpoint_filter_fn(state, model))
+    return model
+
+
+def _check_independently(model, path, fmt, shapes):
+    """Run the exported file on fresh inputs, outside export_model's own verification."""
+    run = load_exported(path, fmt)
+    for shape in shapes:
+        images = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            expected = model(images)
+        assert expected.abs().max() > 0.1  # the comparison is not between near-zero numbers
+        got = run(images)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() <= ATOL, (fmt, shape)
+
+
+def test_torchscript_dynamic_batch_and_size(tiny, tmp_path):
+    result = export_model(tiny, tmp_path / "tiny.pt", "torchscript", img_size=(32, 32))
+    assert result.dynamic == ["batch", "height", "width"]
+    assert [c["shape"] for c in result.checks] == [[2, 3, 32, 32], [1, 3, 32, 32], [3, 3, 32, 32], [1, 3, 64, 96]]
+    assert result.max_abs_diff <= ATOL
+    _check_independently(tiny, result.path, "torchscript", [(4, 3, 32, 32), (2, 3, 48, 80)])
+
+
+def test_exported_program_dynamic_batch(tiny, tmp_path):
+    # a 32 px example: the last stage is 1x1, so torch.export specialises height/width (see export.py)
+    result = export_model(tiny, tmp_path / "tiny.pt2", "exported-program", img_size=(32, 32))
+    assert result.dynamic == ["batch"] and result.max_abs_diff <= ATOL
+    _check_independently(tiny, result.path, None, [(5, 3, 32, 32)])  # format read off the .pt2 suffix
+
+
+def test_onnx_dynamic_batch_in_onnxruntime(tiny, tmp_path):
+    import onnxruntime
+
+    result = export_model(tiny, tmp_path / "tiny.onnx", "onnx", img_size=(32, 32))
+    assert result.dynamic == ["batch"] and result.max_abs_diff <= ATOL
+    [images] = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).get_inputs()
+    assert images.name == "images" and isinstance(images.shape[0], str) and images.shape[1:] == [3, 32, 32]
+    _check_independently(tiny, result.path, "onnx", [(4, 3, 32, 32)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "exported-program"])
+def test_dynamic_height_and_width(tiny, tmp_path, fmt):
+    result = export_model(tiny, tmp_path / f"tiny.{fmt}", fmt, img_size=(64, 64))
+    assert result.dynamic == ["batch", "height", "width"] and result.max_abs_diff <= ATOL
+    _check_independently(tiny, result.path, fmt, [(2, 3, 96, 64), (1, 3, 40, 72)])
+
+
+def test_verification_catches_a_wrong_export(tiny):
+    shapes = [(2, 3, 32, 32)]
+    [check] = verify_export(tiny, lambda images: tiny(images) + 1e-3, shapes)
+    assert check["shape"] == [2, 3, 32, 32] and check["max_abs_diff"] == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(ExportVerificationError, match=r"returns \[2, 9\] for input \[2, 3, 32, 32\]"):
+        verify_export(tiny, lambda images: tiny(images)[:, :9], shapes)
+    with pytest.raises(ExportVerificationError, match="fails on input"):
+        verify_export(tiny, lambda images: images.view(-1, 7), shapes)
+
+
+def test_user_errors(tiny, tmp_path, capsys):
+    with pytest.raises(RMTError, match="at least 33 px"):
+        export_model(tiny, tmp_path / "x.onnx", "onnx", img_size=(32, 32), dynamic_size=True)
+    with pytest.raises(RMTError, match="unknown export format"):
+        export_model(tiny, tmp_path / "x.tflite", "tflite")
+    with pytest.raises(RMTError, match="no exported model"):
+        load_exported(tmp_path / "missing.onnx")
+    assert main(["export", "--checkpoint", str(tmp_path / "none.pth"), "--format", "onnx",
+                 "--output", str(tmp_path / "x.onnx")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse rejects the format
+        main(["export", "--checkpoint", "x.pth", "--format", "tflite", "--output", "x.tflite"])
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("run") / "best.pth"
+    config = {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+                  "std": [0.229, 0.224, 0.225], "crop_pct": 1.0}
+    torch.save({"model": timm.create_model("rmt_t", num_classes=4).state_dict(), "model_name": "rmt_t",
+                    "class_names": list("abcd"), "data_config": config}, path)
+    return path
+
+
+def test_cli_prints_the_checks(tiny, tmp_path, capsys, monkeypatch):
+    """The command's wiring and output, with the tiny model standing in for a checkpoint's."""
+    config = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    monkeypatch.setattr("rmt.tools.predict.load_classifier", lambda *a, **k: Classifier(tiny, config, device="cpu"))
+    out = tmp_path / "tiny.pt"
+    assert main(["export", "--checkpoint", "ignored.pth", "--format", "torchscript", "--output", str(out),
+                 "--static-size"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wrote {out} (torchscript, example input 3x32x32; dynamic: batch)"
+    assert [line.split(":")[0] for line in lines[1:4]] == ["  input 2x3x32x32", "  input 1x3x32x32",
+                                                          "  input 3x3x32x32"]
+    assert lines[4].startswith("verified: max abs diff ") and lines[4].endswith("<= 0.0001")
+    # the atol guard of export_model itself
+    assert main(["export", "--checkpoint", "ignored.pth", "--format", "torchscript", "--output", str(out),
+                 "--static-size", "--atol", "-1"]) == 2
+    assert "differs from the PyTorch model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_torchscript_of_a_run_checkpoint(run_checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    assert main(["export", "--checkpoint", str(run_checkpoint), "--format", "torchscript", "--output", str(out),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["path"] == str(out) and result["input_size"] == [3, 64, 64]
+    assert result["dynamic"] == ["batch", "height", "width"] and result["max_abs_diff"] <= ATOL
+    assert load_exported(out)(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "exported-program"])
+def test_cli_other_formats_of_a_run_checkpoint(run_checkpoint, tmp_path, capsys, fmt):
+    out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
+    assert main(["export", "--checkpoint", str(run_checkpoint), "--format", fmt, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out} ({fmt}, example input 3x64x64; dynamic: batch, height, width)")
+    assert "input 1x3x96x128: max abs diff vs PyTorch" in printed and "verified: max abs diff" in printed
