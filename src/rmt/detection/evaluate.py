@@ -1,0 +1,117 @@
+"""COCO box and mask AP of a detector, with pycocotools, on one process or many.
+
+``evaluate(model, dataset, ...)`` runs the model over a :class:`rmt.data.coco.CocoDetection`
+(each process its shard), gathers the detections on every process, and scores them with
+``COCOeval`` against the dataset's own annotations: ``bbox_AP``, ``bbox_AP50``, ``bbox_AP75`` and,
+for mask models, the same for ``segm`` (fractions in [0, 1], as COCOeval reports them).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.coco import CocoDetection, collate_detection
+from ..engine.distributed import DistInfo
+from ..engine.evaluate import ShardSampler, autocast_context
+from .models import has_masks
+
+__all__ = ["evaluate", "coco_results", "coco_metrics", "STAT_NAMES"]
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_results(outputs: Sequence[Dict[str, torch.Tensor]], image_ids: Sequence[int], category_ids: Sequence[int],
+                 mask_threshold: float = 0.5) -> List[Dict[str, Any]]:
+    """torchvision detections -> COCO result entries (``bbox`` in xywh, ``segmentation`` as RLE).
+
+    ``category_ids[label - 1]`` is the COCO category of label ``label``.
+    """
+    from pycocotools import mask as mask_utils
+
+    results = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].float().cpu()
+        if len(boxes) == 0:
+            continue
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores, labels = out["scores"].float().cpu().tolist(), out["labels"].cpu().tolist()
+        masks = None
+        if "masks" in out:
+            masks = (out["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+        for k, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+            entry = dict(image_id=int(image_id), category_id=int(category_ids[label - 1]),
+                         bbox=[round(v, 2) for v in box], score=round(float(score), 5))
+            if masks is not None:
+                rle = mask_utils.encode(np.asfortranarray(masks[k]))
+                rle["counts"] = rle["counts"].decode("ascii")
+                entry["segmentation"] = rle
+            results.append(entry)
+    return results
+
+
+def coco_metrics(coco_gt, results: List[Dict[str, Any]], image_ids: Sequence[int], iou_types: Sequence[str],
+                 verbose: bool = False) -> Dict[str, float]:
+    """``COCOeval`` summary per IoU type: ``{"bbox_AP", "bbox_AP50", ..., "segm_APl"}`` (-1: undefined)."""
+    from pycocotools.cocoeval import COCOeval
+
+    metrics: Dict[str, float] = {}
+    for iou_type in iou_types:
+        entries = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+        if not entries:  # nothing detected: AP is zero (loadRes rejects an empty list)
+            metrics.update({f"{iou_type}_{name}": 0.0 for name in STAT_NAMES})
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            detections = coco_gt.loadRes(entries)
+            evaluator = COCOeval(coco_gt, detections, iou_type)
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        if verbose:
+            print(f"{iou_type}:\n{out.getvalue()}")
+        metrics.update({f"{iou_type}_{name}": float(evaluator.stats[k]) for k, name in enumerate(STAT_NAMES)})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, info: Optional[DistInfo] = None,
+             amp_dtype: Optional[torch.dtype] = None, batch_size: int = 1, workers: int = 0,
+             progress: bool = True, verbose: bool = False) -> Dict[str, float]:
+    """COCO AP of ``model`` on ``dataset`` (see the module docstring); every process returns the totals.
+
+    Also returns ``images`` (how many were evaluated) and ``detections``.
+    """
+    import torch.distributed as dist
+
+    info = info if info is not None else DistInfo()
+
+    from ..dense.engine import progress_bar
+
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info),
+                        num_workers=workers, collate_fn=collate_detection)
+    results: List[Dict[str, Any]] = []
+    image_ids: List[int] = []
+    for images, targets in progress_bar(loader, progress and info.is_main, desc="eval"):
+        with autocast_context(device, amp_dtype):
+            outputs = model([im.to(device) for im in images])
+        ids = [int(t["image_id"]) for t in targets]
+        results += coco_results(outputs, ids, dataset.category_ids)
+        image_ids += ids
+    model.train(was_training)
+    if info.distributed:
+        gathered: List = [None] * info.world_size
+        dist.all_gather_object(gathered, (results, image_ids))
+        results = [r for part in gathered for r in part[0]]
+        image_ids = [i for part in gathered for i in part[1]]
+    iou_types = ["bbox", "segm"] if has_masks(model) else ["bbox"]
+    metrics = coco_metrics(dataset.coco, results, image_ids, iou_types, verbose=verbose and info.is_main)
+    return dict(metrics, images=len(image_ids), detections=len(results))

@@ -1,0 +1,86 @@
+"""Segmentation metrics: a confusion matrix accumulated over a dataset (summed across processes),
+and mIoU / mAcc / aAcc from it, in percent as the reference reports them.
+
+* IoU of class k: ``TP / (TP + FP + FN)``; mIoU: the mean over the classes that occur in the
+  labels or the predictions (a class absent from both has no IoU).
+* Acc of class k: ``TP / (TP + FN)``; mAcc: the mean over classes that occur in the labels.
+* aAcc: correctly labelled pixels / labelled pixels.
+
+Pixels labelled ``ignore_index`` (255) are left out. Predictions are scored at the label's
+(original) resolution.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.ade20k import IGNORE_INDEX
+from ..engine.distributed import DistInfo, all_reduce_sum
+from ..engine.evaluate import ShardSampler, autocast_context
+
+__all__ = ["confusion_matrix", "segmentation_metrics", "evaluate"]
+
+
+def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``(K, K)`` int64 counts, rows = label, columns = prediction, ignored pixels left out."""
+    keep = label != ignore_index
+    if keep.any() and (label[keep].max() >= num_classes or label[keep].min() < 0):
+        raise ValueError(f"labels outside 0..{num_classes - 1} (other than {ignore_index})")
+    index = label[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes).cpu()
+
+
+def segmentation_metrics(cm: torch.Tensor, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``{"mIoU", "mAcc", "aAcc", "IoU": {class: value}, "Acc": {...}}`` (percent) from a confusion matrix."""
+    cm = cm.double()
+    tp = cm.diag()
+    labelled, predicted = cm.sum(1), cm.sum(0)
+    union = labelled + predicted - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    acc = torch.where(labelled > 0, tp / labelled.clamp(min=1), torch.full_like(tp, float("nan")))
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(tp))]
+
+    def mean(values: torch.Tensor) -> float:
+        valid = values[~values.isnan()]
+        return 100.0 * valid.mean().item() if len(valid) else 0.0
+
+    return dict(mIoU=mean(iou), mAcc=mean(acc), aAcc=100.0 * (tp.sum() / cm.sum().clamp(min=1)).item(),
+                IoU={n: (None if math.isnan(v) else 100.0 * v) for n, v in zip(names, iou.tolist())},
+                Acc={n: (None if math.isnan(v) else 100.0 * v) for n, v in zip(names, acc.tolist())})
+
+
+def _collate_one_by_one(batch):
+    return batch
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch.device, info: Optional[DistInfo] = None,
+             amp_dtype: Optional[torch.dtype] = None, mode: str = "whole", crop_size: Optional[Sequence[int]] = None,
+             stride: Optional[Sequence[int]] = None, workers: int = 0, progress: bool = True,
+             class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """mIoU, mAcc, aAcc (percent) and per-class IoU/Acc of ``model`` over ``dataset``, whose items are
+    ``(image (3, h, w) normalised, label (H, W))``; the logits are resized to the label's size.
+    With several processes each evaluates its shard and the confusion matrices are summed."""
+    from ..dense.engine import progress_bar
+
+    info = info if info is not None else DistInfo()
+
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), info), num_workers=workers,
+                        collate_fn=_collate_one_by_one)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for batch in progress_bar(loader, progress and info.is_main, desc="eval"):
+        for image, label in batch:
+            with autocast_context(device, amp_dtype):
+                logits = model.inference(image[None].to(device), mode=mode, crop_size=crop_size, stride=stride,
+                                         output_size=label.shape[-2:])
+            cm += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
+    model.train(was_training)
+    total = all_reduce_sum(cm.to(device if info.distributed and device.type == "cuda" else "cpu"), info).cpu()
+    return dict(segmentation_metrics(total, class_names), images=len(dataset))

@@ -1,0 +1,175 @@
+"""Segmentors: an RMT backbone, an optional FPN neck, a decode head and (UperNet) an auxiliary head.
+
+``build_segmentor("upernet" | "semantic_fpn", backbone="rmt_t", num_classes=150)`` returns a
+:class:`Segmentor`:
+
+* ``model(images)`` -> logits ``(B, K, H, W)`` at the input resolution;
+* ``model(images, labels)`` in train mode -> ``{"loss_seg", "loss_aux"}`` (cross-entropy, label
+  255 ignored; the auxiliary FCN head on stage 3 only exists in training, weight 0.4);
+* ``model.inference(images, mode="whole" | "slide", crop_size, stride, output_size)`` -> logits,
+  optionally resized to another size (e.g. the original image's).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.ade20k import IGNORE_INDEX
+from ..dense.backbone import RMTBackbone
+from ..errors import RMTError, did_you_mean
+from .heads import FCNHead, SemanticFPNHead, UPerHead, upsample
+
+__all__ = ["Segmentor", "build_segmentor", "ARCHS", "slide_inference", "segmentor_kwargs", "segmentor_from_checkpoint"]
+
+ARCHS = ("upernet", "semantic_fpn")
+
+
+class Segmentor(nn.Module):
+    """Encoder-decoder segmentation model (see the module docstring).
+
+    Args:
+        backbone: returns an ordered dict of feature maps (finest first).
+        decode_head: feature list -> logits at the finest map's resolution.
+        neck: optional ordered dict -> ordered dict (Semantic FPN's FPN).
+        aux_head: optional head on backbone level ``aux_index``, used in training only.
+        aux_weight: weight of the auxiliary loss.
+    """
+
+    def __init__(self, backbone: nn.Module, decode_head: nn.Module, neck: Optional[nn.Module] = None,
+                 aux_head: Optional[nn.Module] = None, aux_index: int = 2, aux_weight: float = 0.4,
+                 ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.backbone, self.neck, self.decode_head, self.aux_head = backbone, neck, decode_head, aux_head
+        self.aux_index, self.aux_weight, self.ignore_index = aux_index, aux_weight, ignore_index
+
+    def _features(self, images: torch.Tensor):
+        feats = self.backbone(images)
+        decoded = self.neck(feats) if self.neck is not None else feats
+        return list(feats.values()), list(decoded.values())
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        backbone_feats, feats = self._features(images)
+        logits = self.decode_head(feats)
+        if not (self.training and labels is not None):
+            return upsample(logits, images.shape[-2:])
+        losses = {"loss_seg": self._loss(logits, labels)}
+        if self.aux_head is not None and self.aux_weight > 0:
+            losses["loss_aux"] = self.aux_weight * self._loss(self.aux_head(backbone_feats[self.aux_index]), labels)
+        return losses
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = upsample(logits, labels.shape[-2:]).float()
+        if not (labels != self.ignore_index).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+
+    @torch.no_grad()
+    def inference(self, images: torch.Tensor, mode: str = "whole", crop_size: Optional[Sequence[int]] = None,
+                  stride: Optional[Sequence[int]] = None, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Logits ``(B, K, H, W)`` for ``images``, from the whole image or a sliding window.
+
+        ``slide``: windows of ``crop_size`` every ``stride`` (default 2/3 of the crop), logits
+        averaged where windows overlap. ``output_size`` resizes the logits (bilinear) at the end.
+        """
+        if mode == "whole":
+            logits = self(images)
+        elif mode == "slide":
+            if crop_size is None:
+                raise RMTError("slide inference needs a crop_size")
+            logits = slide_inference(self, images, crop_size, stride)
+        else:
+            raise RMTError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+        if output_size is not None and tuple(output_size) != tuple(logits.shape[-2:]):
+            logits = upsample(logits, output_size)
+        return logits
+
+
+def _window_starts(size: int, crop: int, stride: int) -> Sequence[int]:
+    steps = max(size - crop + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride, size - crop), 0) for i in range(steps)})
+
+
+def slide_inference(model: nn.Module, images: torch.Tensor, crop_size: Sequence[int],
+                    stride: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Run ``model`` (images -> logits at their size) on overlapping windows and average the logits.
+
+    The last window of each row/column is shifted back to end at the border; images smaller than
+    the crop are run whole.
+    """
+    ch, cw = (int(v) for v in crop_size)
+    sh, sw = (int(v) for v in stride) if stride is not None else (max(1, 2 * ch // 3), max(1, 2 * cw // 3))
+    if min(ch, cw, sh, sw) <= 0:
+        raise RMTError(f"slide inference needs positive crop and stride, got {crop_size} / {stride}")
+    _, _, h, w = images.shape
+    total: Optional[torch.Tensor] = None
+    count = images.new_zeros((1, 1, h, w))
+    for top in _window_starts(h, ch, sh):
+        for left in _window_starts(w, cw, sw):
+            bottom, right = min(top + ch, h), min(left + cw, w)
+            logits = model(images[:, :, top:bottom, left:right]).float()
+            if total is None:
+                total = images.new_zeros((images.shape[0], logits.shape[1], h, w), dtype=torch.float32)
+            total[:, :, top:bottom, left:right] += logits
+            count[:, :, top:bottom, left:right] += 1
+    return total / count
+
+
+# --------------------------------------------------------------------------------- building
+def build_segmentor(arch: str, backbone: str = "rmt_t", num_classes: int = 150,
+                    backbone_weights: Optional[str | os.PathLike] = None, channels: Optional[int] = None,
+                    aux_weight: float = 0.4, dropout: float = 0.1, **backbone_kwargs) -> Segmentor:
+    """A :class:`Segmentor` with an RMT backbone.
+
+    Args:
+        arch: ``upernet`` (UperNet head, width 512, and an auxiliary FCN head on stage 3) or
+            ``semantic_fpn`` (FPN neck, 256 channels, and the Semantic FPN head, width 128).
+        backbone: RMT variant.
+        num_classes: classes to predict.
+        backbone_weights: ImageNet weights for the backbone (the load report is logged and kept in
+            ``model.backbone.load_report``).
+        channels: decode-head width (default: the architecture's).
+        aux_weight: auxiliary loss weight (UperNet; 0 builds no auxiliary head).
+        backbone_kwargs: :class:`rmt.dense.RMTBackbone` options (``frozen_stages``, ``norm_eval``,
+            ``drop_path_rate``, ``decomposed``, ``grad_checkpointing``).
+    """
+    if arch not in ARCHS:
+        raise RMTError(f"unknown segmentor {arch!r}{did_you_mean(arch, ARCHS)}; choose from {', '.join(ARCHS)}")
+    if num_classes < 1:
+        raise RMTError(f"num_classes must be positive, got {num_classes}")
+    body = RMTBackbone(backbone, weights=backbone_weights, **backbone_kwargs)
+    if arch == "upernet":
+        head = UPerHead(body.out_channels, num_classes, channels or 512, dropout=dropout)
+        aux = FCNHead(body.out_channels[2], num_classes, 256, dropout=dropout) if aux_weight > 0 else None
+        return Segmentor(body, head, aux_head=aux, aux_index=2, aux_weight=aux_weight)
+    from torchvision.ops import FeaturePyramidNetwork
+
+    neck = FeaturePyramidNetwork(body.out_channels, 256)
+    head = SemanticFPNHead(256, body.strides, num_classes, channels or 128, dropout=dropout)
+    return Segmentor(body, head, neck=neck, aux_weight=0.0)
+
+
+def segmentor_kwargs(cfg) -> Tuple[str, Dict]:
+    """``(arch, kwargs)`` for :func:`build_segmentor` from a :class:`rmt.dense.config.SegConfig`
+    (without ``num_classes`` and weights)."""
+    return cfg.arch, dict(backbone=cfg.backbone, channels=cfg.channels, aux_weight=cfg.aux_weight,
+                          dropout=cfg.dropout, frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval,
+                          drop_path_rate=cfg.drop_path, decomposed=cfg.decomposed,
+                          grad_checkpointing=cfg.grad_checkpointing)
+
+
+def segmentor_from_checkpoint(path: str | os.PathLike):
+    """``(model in eval mode, SegConfig, class names)`` from a segmentation run's ``last.pth``/``best.pth``
+    or ``model.safetensors``."""
+    from ..dense.config import SegConfig, config_from_dict
+    from ..dense.engine import read_dense_checkpoint
+
+    state, config, class_names = read_dense_checkpoint(path, "seg")
+    cfg = config_from_dict(SegConfig, config)
+    arch, kwargs = segmentor_kwargs(cfg)
+    model = build_segmentor(arch, num_classes=len(class_names), **kwargs)
+    model.load_state_dict(state)
+    return model.eval(), cfg, class_names
