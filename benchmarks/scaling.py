@@ -59,6 +59,7 @@ def _plot(by_model, sizes, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, (ax, rel) = plt.subplots(1, 2, figsize=(10, 4))
     for model, per_size in by_model.items():
@@ -75,6 +76,7 @@ def _plot(by_model, sizes, path: Path) -> None:
             title="scaling relative to 512x512")
     for a in (ax, rel):
         a.set_xticks(xs, [str(s) for s in xs])
+        a.xaxis.set_minor_formatter(NullFormatter())
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()

@@ -169,3 +169,25 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["seg", "train", "--data", str(tmp_path), "--output", str(tmp_path / "r")]) == 2
     assert "ADE20K layout" in capsys.readouterr().err
     assert main(["seg", "eval", "--checkpoint", str(tmp_path)]) == 2
+
+
+def test_two_process_ddp_training(shapes, tmp_path):
+    """torchrun with two CPU processes (gloo) through the dense training loop: rank 0 writes the run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "rmt", "seg", "train", "--config", "shapes", "--data", str(shapes), "--output", str(out),
+           "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--scale", "64", "64",
+           "--crop-size", "48", "48", "--channels", "32", "--warmup-iters", "1", "--workers", "0", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("config.yaml", "metrics.csv", "last.pth", "model.safetensors"):
+        assert (out / name).is_file(), name
+    assert torch.load(out / "last.pth", weights_only=True, map_location="cpu")["world_size"] == 2
+    assert "2 process(es)" in done.stdout + done.stderr
+    with open(out / "metrics.csv", newline="") as f:
+        assert [r["iteration"] for r in csv.DictReader(f)] == ["2"]

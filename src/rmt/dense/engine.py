@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.sampling import ResumableSampler, SeededDataset
-from ..engine.checkpoint import atomic_copy, atomic_save, load_run_checkpoint, rng_state, set_rng_state
+from ..engine.checkpoint import (atomic_copy, atomic_save, load_run_checkpoint, rng_state, set_rng_state,
+                                 start_run)
 from ..engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
 from ..engine.evaluate import autocast_context
 from ..errors import RMTError
@@ -355,18 +356,7 @@ class DenseTrainer:
 
     def run(self) -> DenseTrainResult:
         cfg = self.cfg
-        if self.info.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output / "config.yaml")
-        barrier(self.info)
-        if cfg.resume:
-            path = self.output / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-            if path.is_file():
-                self.resume(path)
-            elif cfg.resume != "auto":
-                raise RMTError(f"--resume: no checkpoint at {path}")
-            else:
-                self.log(f"--resume auto: no {path} yet, starting from scratch")
+        start_run(self.output, cfg.resume, self.info, lambda path: save_config(cfg, path), self.resume, self.log)
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.log(f"{cfg.arch} with {cfg.backbone}: {n_params / 1e6:.2f}M trainable params, {len(self.class_names)} "
                  f"classes; {len(self.data.train)} train / {len(self.data.val)} val images ({self.data.name}); "

@@ -39,7 +39,8 @@ from ..data import build_datasets, collate_skip_bad
 from ..data.sampling import ResumableSampler, SeededDataset
 from ..errors import RMTError
 from ..models.weights import load_matching_weights
-from .checkpoint import atomic_copy, atomic_save, atomic_write, load_run_checkpoint, rng_state, set_rng_state
+from .checkpoint import (atomic_copy, atomic_save, atomic_write, load_run_checkpoint, rng_state, set_rng_state,
+                         start_run)
 from .config import TrainConfig, save_config
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
 from .evaluate import autocast_context, eval_loader, evaluate, report_bad_files
@@ -411,18 +412,7 @@ class _Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        if self.info.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output / "config.yaml")
-        barrier(self.info)
-        if cfg.resume:
-            path = self.output / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-            if path.is_file():
-                self.resume(path)
-            elif cfg.resume != "auto":
-                raise RMTError(f"--resume: no checkpoint at {path}")
-            else:
-                self.log(f"--resume auto: no {path} yet, starting from scratch")
+        start_run(self.output, cfg.resume, self.info, lambda path: save_config(cfg, path), self.resume, self.log)
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.log(f"{cfg.model}: {n_params / 1e6:.2f}M params, {len(self.classes)} classes; "
                  f"{len(self.data.train)} train / {len(self.data.val)} val images ({self.data.name}); "
