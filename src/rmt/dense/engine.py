@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,10 +39,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.sampling import ResumableSampler, SeededDataset
-from ..engine.checkpoint import (atomic_copy, atomic_save, load_run_checkpoint, rng_state, set_rng_state,
-                                 start_run)
-from ..engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
+from ..engine.checkpoint import atomic_copy, atomic_save, load_run_checkpoint, rng_state, set_rng_state
+from ..engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, resolve_device
 from ..engine.evaluate import autocast_context
+from ..engine.lifecycle import Interrupted, run_until_signal, start_run
 from ..errors import RMTError
 from .config import DenseConfig, save_config
 
@@ -76,10 +75,6 @@ class DenseData:
     class_names: List[str]
     collate_train: Any
     collate_eval: Any
-
-
-class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived during training."""
 
 
 def amp_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
@@ -385,31 +380,17 @@ class DenseTrainer:
 def run_training(trainer_cls, cfg: DenseConfig) -> DenseTrainResult:
     """Set up the process group, run ``trainer_cls(cfg)``, and save-and-stop on SIGTERM/SIGINT."""
     info = init_distributed(cfg.device)
-    trainer = None
-    previous = {}
+    return run_until_signal(info, lambda: trainer_cls(cfg, info), _stop_for_signal)
 
-    def on_signal(signum, frame):
-        if trainer is not None:
-            trainer.interrupted = True
 
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
-        trainer = trainer_cls(cfg, info)
-        try:
-            return trainer.run()
-        except Interrupted:
-            path = trainer.save_last()
-            barrier(info)
-            trainer.log(f"interrupted at iteration {trainer.iteration}: saved {path}. Resume with: rmt {trainer.task} "
-                        f"train --config {trainer.output / 'config.yaml'} --resume auto")
-            return DenseTrainResult(trainer.output, trainer.metric, trainer.best_value, trainer.best_iteration, {},
-                                    trainer.history, stopped_early=True)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        cleanup(info)
-
+def _stop_for_signal(trainer) -> DenseTrainResult:
+    """Save a resumable checkpoint where the run stopped and say how to go on."""
+    path = trainer.save_last()
+    barrier(trainer.info)
+    trainer.log(f"interrupted at iteration {trainer.iteration}: saved {path}. Resume with: rmt {trainer.task} "
+                f"train --config {trainer.output / 'config.yaml'} --resume auto")
+    return DenseTrainResult(trainer.output, trainer.metric, trainer.best_value, trainer.best_iteration, {},
+                            trainer.history, stopped_early=True)
 
 def to_jsonable(obj: Any) -> Any:
     """Tensors and numpy values as plain Python (for ``--json`` output)."""

@@ -19,7 +19,6 @@ import torch
 
 from ..errors import RMTError
 from ..models.weights import read_checkpoint
-from .distributed import DistInfo, barrier
 
 __all__ = ["atomic_write", "atomic_save", "atomic_copy", "load_run_checkpoint", "rng_state", "set_rng_state",
            "CheckpointWriteError"]
@@ -126,21 +125,3 @@ def set_rng_state(state: Optional[Dict[str, Any]]) -> None:
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
-
-def start_run(output: Path, resume: Optional[str], info: DistInfo, write_config: Callable[[Path], None],
-              load: Callable[[Path], None], log: Callable[[str], None]) -> None:
-    """Open a run directory: rank 0 creates it and writes ``config.yaml`` (via ``write_config``); then,
-    for ``resume`` = ``"auto"`` (``OUTPUT/last.pth`` if it exists yet) or a path, ``load`` the checkpoint."""
-    if info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        write_config(output / "config.yaml")
-    barrier(info)
-    if not resume:
-        return
-    path = output / "last.pth" if resume == "auto" else Path(resume)
-    if path.is_file():
-        load(path)
-    elif resume != "auto":
-        raise RMTError(f"--resume: no checkpoint at {path}")
-    else:
-        log(f"--resume auto: no {path} yet, starting from scratch")

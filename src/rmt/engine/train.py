@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -39,11 +38,11 @@ from ..data import build_datasets, collate_skip_bad
 from ..data.sampling import ResumableSampler, SeededDataset
 from ..errors import RMTError
 from ..models.weights import load_matching_weights
-from .checkpoint import (atomic_copy, atomic_save, atomic_write, load_run_checkpoint, rng_state, set_rng_state,
-                         start_run)
+from .checkpoint import atomic_copy, atomic_save, atomic_write, load_run_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, save_config
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, resolve_device
 from .evaluate import autocast_context, eval_loader, evaluate, report_bad_files
+from .lifecycle import Interrupted, run_until_signal, start_run
 
 __all__ = ["train", "TrainResult", "METRIC_COLUMNS", "plot_curves"]
 
@@ -60,10 +59,6 @@ class TrainResult:
     final: Dict[str, Any]
     history: List[Dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
-
-
-class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived during training."""
 
 
 class NonFiniteLossError(RMTError):
@@ -457,26 +452,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     ``stopped_early=True``.
     """
     info = init_distributed(cfg.device)
-    trainer = None
-    previous = {}
-
-    def on_signal(signum, frame):
-        if trainer is not None:
-            trainer.interrupted = True
-
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
-        trainer = _Trainer(cfg, info)
-        try:
-            return trainer.run()
-        except Interrupted:
-            return _stop_for_signal(trainer)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        cleanup(info)
-
+    return run_until_signal(info, lambda: _Trainer(cfg, info), _stop_for_signal)
 
 def _stop_for_signal(trainer: _Trainer) -> TrainResult:
     """Save a resumable checkpoint where the run stopped and say how to go on."""
