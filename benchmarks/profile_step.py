@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from rmt.runtime import keep_freed_memory
 from rmt.tools.benchmark import build_model
 
 GROUPS = [  # first match wins: (group, substrings of aten operator names)
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--top", type=int, default=12, help="operators listed")
     args = parser.parse_args()
+    keep_freed_memory()  # as the rmt command does (rmt.runtime)
 
     model = build_model(args.model, (args.img_size, args.img_size))
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)

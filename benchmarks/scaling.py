@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rmt.runtime import keep_freed_memory
 from rmt.tools.benchmark import benchmark
 
 DEFAULT_MODELS = ["rmt_s", "reference:rmt_s", "swin_tiny_patch4_window7_224"]
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default="benchmarks/results/scaling_cpu")
     args = parser.parse_args()
+    keep_freed_memory()  # as the rmt command does (rmt.runtime)
 
     rows = []
     for size in args.sizes:

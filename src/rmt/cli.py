@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .errors import RMTError
+from .runtime import keep_freed_memory
 
 __all__ = ["main", "build_parser", "format_table"]
 
@@ -250,7 +251,8 @@ def _cmd_benchmark(args) -> int:
         return 0
     h, w = args.img_size
     print(f"batch {args.batch_size}, {h}x{w}, {args.device}{', autocast ' + args.amp if args.amp else ''}, "
-          f"{torch.get_num_threads()} threads, median of {args.iters} interleaved rounds after {args.warmup} warm-up")
+          f"{torch.get_num_threads()} threads, median of {args.iters} interleaved rounds after {args.warmup} warm-up"
+          f"{'; freed memory kept (rmt.runtime)' if keep_freed_memory() else ''}")
     print(format_table(rows, [("model", "model", ""), ("mode", "mode", ""), ("img_per_s", "img/s", ".1f"),
                               ("ms_per_batch", "ms/batch", ".0f"), ("peak_mb", "peak MB", ".0f"),
                               ("speedup_of_first", f"{rows[0]['model']} speed-up", ".2f")]))
@@ -315,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # see rmt.runtime: fewer page faults, 10-20% faster CPU training steps
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
     if not args.debug:
         logging.getLogger("rmt").setLevel(logging.INFO)
