@@ -126,8 +126,12 @@ def _sdpa_kernels(model, x):
 
 
 @pytest.mark.parametrize("decomposed", [(True, True, True, True), (False, False, False, False)])
-def test_attention_takes_the_fused_cpu_kernel(decomposed):
-    """The CPU flash kernel runs only for 4-D inputs with a 4-D mask; otherwise torch silently uses math."""
+def test_attention_takes_the_fused_cpu_kernel(decomposed, monkeypatch):
+    """The CPU flash kernel runs only for 4-D inputs with a 4-D mask; otherwise torch silently uses math.
+    (The compiled short-row kernel is switched off here: it would take these short rows instead.)"""
+    from rmt.models import kernels as compiled
+
+    monkeypatch.setattr(compiled, "_enabled", False)
     model = RMT(**dict(TINY_ARGS, decomposed=decomposed)).eval()
     kernels = _sdpa_kernels(model, torch.randn(2, 3, 64, 64))
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels

@@ -18,7 +18,9 @@ Speed notes (why the code looks the way it does):
 * the decomposed passes batch rows as ``(B*h, heads, w, d)`` and columns as ``(B, w*heads, h, d)``,
   so both are 4-D calls (the fused CPU flash kernel needs 4-D inputs and a 4-D mask; anything else
   silently takes the slow math path);
-* the decay biases and rotation tables depend only on the resolution, so they are built once.
+* the decay biases and rotation tables depend only on the resolution, so they are built once;
+* in CPU inference, passes over rows of at most 32 tokens run in a compiled kernel made for short
+  rows (:mod:`rmt.models.kernels`), 3x faster than the flash kernel at 14 tokens.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .fused import fused_linear, gelu_dwconv
+from .kernels import short_attention, short_attention_applies
 
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
 
@@ -162,6 +166,14 @@ class TokenConv(nn.Module):
         return y.permute(0, 2, 3, 1)
 
 
+def _plain_eager_cpu(x: torch.Tensor) -> bool:
+    """The compiled short-row kernel runs on plain eager CPU tensors only: not while compiling or
+    tracing (graphs hold portable ops) nor under a dispatch mode such as FLOP counting (which must see
+    the attention as an ATen op)."""
+    return (x.device.type == "cpu" and type(x) is torch.Tensor and not _tracing()
+            and _get_current_dispatch_mode() is None)
+
+
 def _rotate(x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
     """Rotary shift of ``(B, h, w, n, d)``: pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
 
@@ -224,12 +236,21 @@ class MaSA(nn.Module):
         b, h, w, n, d = q.shape
         # along the width: one batch entry per (image, row) -> (b*h, n, w, d)
         rows = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731
-        v = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=tables.bias, scale=self.scale)
-        v = v.transpose(1, 2).contiguous().unflatten(0, (b, -1))  # (b, h, w, n, d)
+        v = self._attend(q, k, v, tables.bias, rows, lambda o: o.transpose(1, 2).contiguous().unflatten(0, (b, -1)))
         # along the height: columns and heads share the head dimension -> (b, w*n, h, d)
         cols = lambda t: t.flatten(2, 3).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(cols(q), cols(k), cols(v), attn_mask=tables.bias_h, scale=self.scale)
-        return out.transpose(1, 2).contiguous().unflatten(2, (-1, n))  # (b, h, w, n, d)
+        return self._attend(q, k, v, tables.bias_h, cols,
+                            lambda o: o.transpose(1, 2).contiguous().unflatten(2, (-1, n)))
+
+    def _attend(self, q, k, v, bias, view, unview) -> torch.Tensor:
+        """One decomposed pass over ``(b, h, w, n, d)`` tokens: ``view`` gives the ``(batch, heads, len, d)``
+        strided view of them, ``unview`` brings an attention output back to the token layout."""
+        if _plain_eager_cpu(q) and short_attention_applies(view(q), bias) and not (
+                torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            if short_attention(view(q), view(k), view(v), bias, self.scale, view(out)):
+                return out
+        return unview(F.scaled_dot_product_attention(view(q), view(k), view(v), attn_mask=bias, scale=self.scale))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, decomposed={self.decomposed}"
