@@ -1,7 +1,7 @@
 """The compiled CPU kernel for MaSA's short decomposed passes (rmt.models.kernels).
 
 It must be built on this machine (C++ compiler and ninja are dependencies of CI), give SDPA's numbers
-on the strided views MaSA passes it, run only where it applies, and leave autograd, tracing and
+and gradients on the strided views MaSA passes it, run only where it applies, and leave tracing and
 FLOP counting to the PyTorch kernels.
 """
 import pytest
@@ -36,11 +36,15 @@ def _views(b, h, w, n, d, layout):
 def test_matches_sdpa_on_strided_views(built, layout, length, d):
     torch.manual_seed(length * d)
     q, k, v, bias, view = _views(2, length, length, 3, d, layout)
-    expected = F.scaled_dot_product_attention(view(q), view(k), view(v), attn_mask=bias, scale=d ** -0.5)
-    out = torch.full_like(q, float("nan"))
-    assert kernels.short_attention(view(q), view(k), view(v), bias, d ** -0.5, view(out))
-    assert not out.isnan().any()  # every output element written
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*map(view, inputs), attn_mask=bias, scale=d ** -0.5)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
+    out = kernels.short_attention(q, k, v, bias, d ** -0.5, view)
     torch.testing.assert_close(view(out), expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(view(out), inputs, grad)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
 def test_large_scores_stay_finite(built):
@@ -48,8 +52,8 @@ def test_large_scores_stay_finite(built):
     q, k, v, bias, view = _views(1, 14, 14, 2, 32, "rows")
     q *= 100.0
     expected = F.scaled_dot_product_attention(view(q), view(k), view(v), attn_mask=bias)
-    out = torch.empty_like(q)
-    assert kernels.short_attention(view(q), view(k), view(v), bias, 32 ** -0.5, view(out))
+    out = kernels.short_attention(q, k, v, bias, 32 ** -0.5, view)
+    assert out.isfinite().all()
     torch.testing.assert_close(view(out), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -60,7 +64,7 @@ def test_applies_only_where_compiled():
     assert not kernels.short_attention_applies(torch.randn(4, 2, 33, 32), torch.zeros(1, 2, 33, 33))  # too long
     assert not kernels.short_attention_applies(torch.randn(4, 2, 14, 8), bias)  # head dim not compiled
     assert not kernels.short_attention_applies(q.double(), bias.double())
-    assert not kernels.short_attention_applies(q.requires_grad_(), bias)  # autograd: the PyTorch kernels
+    assert not kernels.short_attention_applies(q, bias.requires_grad_())  # a learned bias has no kernel gradient
 
 
 # head dims 16/32/32/32: all compiled cases (TINY_ARGS' third stage has 24)
@@ -85,14 +89,33 @@ def test_model_uses_it_in_inference_and_matches(built, monkeypatch):
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_long_rows_and_training_keep_sdpa(built):
+def test_long_rows_keep_sdpa(built):
     model = RMT(**SHORT_ARGS).eval()
     _, ops = _attention_ops(model, torch.randn(1, 3, 160, 160))  # stage-1 rows of 40 > 32: SDPA there
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
-    model.train()
-    with torch.profiler.profile() as prof:
-        model(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert any("scaled_dot_product_flash_attention_for_cpu_backward" in e.key for e in prof.key_averages())
+
+
+def test_training_step_matches_sdpa(built, monkeypatch):
+    torch.manual_seed(0)
+    model = RMT(**SHORT_ARGS).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def grads():
+        model.zero_grad()
+        with torch.profiler.profile() as prof:
+            loss = model(x).square().mean()
+            loss.backward()
+        ops = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, ops
+
+    loss, fast, ops = grads()
+    assert not ops, ops  # forward and backward in the compiled kernel
+    monkeypatch.setattr(kernels, "_enabled", False)
+    loss_plain, plain, ops = grads()
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    torch.testing.assert_close(loss, loss_plain, atol=1e-6, rtol=1e-5)
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_flop_counting_still_sees_attention(built):

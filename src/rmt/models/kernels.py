@@ -3,10 +3,11 @@
 ``short_attention``: softmax attention over many short sequences (length <= 32), the shape of
 MaSA's decomposed passes at ImageNet resolutions (rows and columns of 14 and 28 tokens). The CPU
 flash kernel pays a fixed cost per sequence and fills a fraction of each vector register for such
-rows. This kernel (``csrc/short_attention.cpp``) keeps one sequence in L1 and vectorises across it:
-about 3x faster at length 14 and 1.2x at 28 on the 2-core AVX-512 machine of BENCHMARKS.md. It
-serves inference (no autograd), float32, CPU; everything else takes
-``scaled_dot_product_attention``.
+rows. This kernel (``csrc/short_attention.cpp``) keeps one sequence in L1 and vectorises across it.
+On the 2-core AVX-512 machine of BENCHMARKS.md it is about 3x faster than the flash kernel at
+length 14 and 1.2x at 28 in the forward pass. Forward plus backward, it is 1.6x at 14 and even at
+28. It covers float32 on the CPU, with autograd (the backward recomputes the probabilities
+instead of storing them); everything else takes ``scaled_dot_product_attention``.
 
 It is compiled with ``torch.utils.cpp_extension`` the first time it is needed. That takes about
 30 s, and the result is cached in ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``) for
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable
 
 import torch
 
@@ -56,26 +57,50 @@ def _load():
                            extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, ...: the PyTorch kernels still work
             _failed = True
+            lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            reason = next((line for line in lines if "error" in line.lower()), lines[0])
             _logger.warning("rmt: CPU short-attention kernel unavailable (%s); using scaled_dot_product_attention",
-                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                            reason.strip())
     return _module
 
 
 def short_attention_applies(q: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether :func:`short_attention` can take this pass: on, float32 CPU, no autograd, ``L <= 32``
-    and ``D`` of 16, 32 or 64 (the compiled cases)."""
+    """Whether :func:`short_attention` takes a pass whose ``(S, H, L, D)`` query view is ``q``: on,
+    float32 CPU, ``L <= 32``, ``D`` of 16, 32 or 64 (the compiled cases), and the kernel built."""
     if not _enabled or _failed or q.device.type != "cpu" or q.dtype != torch.float32 or bias.dtype != torch.float32:
         return False
-    if q.shape[-2] > MAX_SHORT_LENGTH or q.shape[-1] not in (16, 32, 64):
+    if q.shape[-2] > MAX_SHORT_LENGTH or q.shape[-1] not in (16, 32, 64) or bias.requires_grad:
         return False
-    return not (torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad))
+    return _load() is not None
 
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
-                    out: torch.Tensor) -> bool:
-    """``out = softmax(q k^T scale + bias) v`` for ``(S, H, L, D)`` views with unit stride in ``D``
-    (``bias``: contiguous ``(1, H, L, L)``), written into the view ``out``, without autograd. Returns
-    ``False``, writing nothing, if the kernel could not be built or does not cover the shape (check
-    :func:`short_attention_applies` first)."""
-    module: Optional[object] = _load()
-    return bool(module is not None and module.forward(q, k, v, bias, scale, out))
+                    view: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``softmax(q k^T scale + bias) v`` over the ``(S, H, L, D)`` views ``view(t)`` of same-shaped
+    token tensors ``q``, ``k``, ``v`` (unit stride in ``D``; ``bias``: a constant, contiguous
+    ``(1, H, L, L)``). Returns a new token tensor ``out`` with ``view(out)`` the result.
+    Differentiable in ``q``, ``k`` and ``v``. Check :func:`short_attention_applies` first."""
+    return _ShortAttention.apply(q, k, v, bias, scale, view)
+
+
+class _ShortAttention(torch.autograd.Function):
+    """Saves the inputs only; the backward kernel recomputes the attention probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale, view):
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if not _module.forward(view(q), view(k), view(v), bias, scale, view(out)):
+            raise RuntimeError(f"short_attention: no compiled kernel for {tuple(view(q).shape)}")
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.scale, ctx.view = scale, view
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, bias = ctx.saved_tensors
+        view = ctx.view
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        if not _module.backward(view(q), view(k), view(v), bias, ctx.scale, view(grad), *map(view, grads)):
+            raise RuntimeError(f"short_attention: no compiled kernel for {tuple(view(q).shape)}")
+        return grads[0], grads[1], grads[2], None, None, None
