@@ -119,7 +119,7 @@ def test_training_step_matches_sdpa(built, monkeypatch):
 
 
 def test_flop_counting_still_sees_attention(built):
-    """FlopCounterMode is a dispatch mode: MaSA then runs SDPA, so the attention FLOPs are counted."""
+    """Under FlopCounterMode MaSA runs SDPA, so that the attention FLOPs are counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import rmt.tools.flops  # noqa: F401  (registers the CPU flash attention's FLOP formula)

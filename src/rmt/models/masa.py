@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.flop_counter import FlopCounterMode
 
 from .fused import fused_linear, gelu_dwconv
 from .kernels import short_attention, short_attention_applies
@@ -168,10 +169,10 @@ class TokenConv(nn.Module):
 
 def _plain_eager_cpu(x: torch.Tensor) -> bool:
     """The compiled short-row kernel runs on plain eager CPU tensors only: not while compiling or
-    tracing (graphs hold portable ops) nor under a dispatch mode such as FLOP counting (which must see
-    the attention as an ATen op)."""
+    tracing (graphs hold portable ops) nor while FLOPs are counted (the count must see the attention
+    as an ATen op)."""
     return (x.device.type == "cpu" and type(x) is torch.Tensor and not _tracing()
-            and _get_current_dispatch_mode() is None)
+            and not isinstance(_get_current_dispatch_mode(), FlopCounterMode))
 
 
 def _rotate(x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
