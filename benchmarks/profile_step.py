@@ -26,7 +26,7 @@ from rmt.tools.benchmark import build_model
 
 GROUPS = [  # first match wins: (group, substrings of ATen operator names)
     ("compiled kernels, Python", ("(compiled",)),
-    ("linear (matmul)", ("addmm", "mm", "linear_pointwise", "bmm", "baddbmm")),
+    ("linear (matmul)", ("addmm", "mm", "linear", "matmul", "bmm", "baddbmm")),
     ("convolution", ("convolution", "conv2d", "_convolution_pointwise")),
     ("attention", ("scaled_dot_product", "softmax")),
     ("norms", ("layer_norm", "batch_norm")),

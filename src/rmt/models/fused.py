@@ -23,8 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["fused_linear", "gelu_dwconv", "use_onednn"]
+__all__ = ["fused_linear", "gelu_dwconv", "use_onednn", "counting_flops"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _enabled = True
@@ -40,8 +42,20 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
+# FlopCounterMode pushes an internal dispatch mode (_FlopCounterMode in recent torch, itself before)
+_FLOP_MODES = tuple(c for c in (getattr(flop_counter, "FlopCounterMode", None),
+                                getattr(flop_counter, "_FlopCounterMode", None)) if isinstance(c, type))
+
+
+def counting_flops() -> bool:
+    """FLOPs are being counted: fast paths must then run the ATen ops that the counter knows."""
+    return isinstance(_get_current_dispatch_mode(), _FLOP_MODES)
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
     if not (_ONEDNN and _enabled) or _tracing() or type(x) is not torch.Tensor:  # fake/traced tensors: plain ops
+        return False
+    if counting_flops():
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False

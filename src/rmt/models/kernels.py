@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -47,14 +48,19 @@ def cpu_kernels_enabled() -> bool:
 def _load():
     global _module, _failed
     if _module is None and not _failed:
+        # importing cpp_extension on a CPU-only machine warns about CUDA_HOME, which is irrelevant here
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         try:
             from torch.utils.cpp_extension import load
 
             capability = torch.backends.cpu.get_cpu_capability().lower()  # -march=native: one build per ISA
-            _logger.info("loading the CPU short-attention kernel (compiled on first use, about 30 s, then cached)")
+            start = time.perf_counter()
             _module = load(name=f"rmt_short_attention_{capability}", sources=[str(_SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
+            seconds = time.perf_counter() - start
+            if seconds > 2:  # it was compiled now, not loaded from the cache
+                _logger.info("compiled the CPU short-attention kernel in %.0f s (cached for later runs)", seconds)
         except Exception as e:  # no compiler, no ninja, ...: the PyTorch kernels still work
             _failed = True
             lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]

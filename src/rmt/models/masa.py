@@ -29,10 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
-from torch.utils.flop_counter import FlopCounterMode
 
-from .fused import fused_linear, gelu_dwconv
+from .fused import counting_flops, fused_linear, gelu_dwconv
 from .kernels import short_attention, short_attention_applies
 
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
@@ -171,8 +169,7 @@ def _plain_eager_cpu(x: torch.Tensor) -> bool:
     """The compiled short-row kernel runs on plain eager CPU tensors only: not while compiling or
     tracing (graphs hold portable ops) nor while FLOPs are counted (the count must see the attention
     as an ATen op)."""
-    return (x.device.type == "cpu" and type(x) is torch.Tensor and not _tracing()
-            and not isinstance(_get_current_dispatch_mode(), FlopCounterMode))
+    return x.device.type == "cpu" and type(x) is torch.Tensor and not _tracing() and not counting_flops()
 
 
 def _rotate(x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
