@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the CPU tables of BENCHMARKS.md (about 25 minutes on 2 cores). Run from the repo root
+# Reproduces the CPU tables of BENCHMARKS.md (about 10 minutes on 2 cores). Run from the repo root
 # on an otherwise idle machine: every figure is a median of interleaved rounds in one process.
 # The rmt command keeps freed memory in glibc's heap (rmt.runtime); the *_glibc_default runs
 # switch that off (RMT_KEEP_FREED_MEMORY=0) to show what the default allocator costs every model.
