@@ -392,6 +392,7 @@ def _stop_for_signal(trainer) -> DenseTrainResult:
     return DenseTrainResult(trainer.output, trainer.metric, trainer.best_value, trainer.best_iteration, {},
                             trainer.history, stopped_early=True)
 
+
 def to_jsonable(obj: Any) -> Any:
     """Tensors and numpy values as plain Python (for ``--json`` output)."""
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

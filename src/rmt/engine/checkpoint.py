@@ -124,4 +124,3 @@ def set_rng_state(state: Optional[Dict[str, Any]]) -> None:
 
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-

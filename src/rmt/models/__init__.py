@@ -1,12 +1,6 @@
 """RMT models: the network (registered in timm), MaSA, the reference oracle and weight files."""
 from .masa import MaSA, MaSATables, RelPos2d
-from .rmt import (
-    MODEL_ARGS,
-    RMT,
-    CheckpointMismatchError,
-    checkpoint_filter_fn,
-    guess_variant,
-)
+from .rmt import MODEL_ARGS, RMT, CheckpointMismatchError, checkpoint_filter_fn, guess_variant
 from .weights import CheckpointError, convert_checkpoint, read_state_dict, save_weights
 
 __all__ = [

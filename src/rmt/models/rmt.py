@@ -22,13 +22,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models import load_pretrained as timm_load_pretrained
 from timm.models._features import feature_take_indices
-from torch import nn
-from torch.utils.checkpoint import checkpoint
+from timm.models import load_pretrained as timm_load_pretrained
 
 from ..errors import RMTError
 from .fused import fused_linear
