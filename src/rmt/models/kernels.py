@@ -24,8 +24,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["short_attention", "short_attention_applies", "use_cpu_kernels", "cpu_kernels_enabled",
-           "MAX_SHORT_LENGTH"]
+from .fused import _tracing, counting_flops
+
+__all__ = ["short_attention", "short_attention_applies", "use_cpu_kernels", "MAX_SHORT_LENGTH"]
 
 _logger = logging.getLogger(__name__)
 MAX_SHORT_LENGTH = 32  # longer rows: the flash kernel is as fast (measured)
@@ -39,10 +40,6 @@ def use_cpu_kernels(enabled: bool) -> None:
     """Switch the compiled CPU kernels on or off (for comparisons; on by default)."""
     global _enabled
     _enabled = enabled
-
-
-def cpu_kernels_enabled() -> bool:
-    return _enabled and not _failed
 
 
 def _load():
@@ -72,8 +69,12 @@ def _load():
 
 def short_attention_applies(q: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether :func:`short_attention` takes a pass whose ``(S, H, L, D)`` query view is ``q``: on,
-    float32 CPU, ``L <= 32``, ``D`` of 16, 32 or 64 (the compiled cases), and the kernel built."""
+    plain eager float32 CPU tensors (not while compiling or tracing, whose graphs hold portable ops,
+    nor while FLOPs are counted, which must see the attention as an ATen op), ``L <= 32``, ``D`` of
+    16, 32 or 64 (the compiled cases), and the kernel built."""
     if not _enabled or _failed or q.device.type != "cpu" or q.dtype != torch.float32 or bias.dtype != torch.float32:
+        return False
+    if type(q) is not torch.Tensor or _tracing() or counting_flops():
         return False
     if q.shape[-2] > MAX_SHORT_LENGTH or q.shape[-1] not in (16, 32, 64) or bias.requires_grad:
         return False

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import counting_flops, fused_linear, gelu_dwconv
+from .fused import fused_linear, gelu_dwconv
 from .kernels import short_attention, short_attention_applies
 
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
@@ -165,13 +165,6 @@ class TokenConv(nn.Module):
         return y.permute(0, 2, 3, 1)
 
 
-def _plain_eager_cpu(x: torch.Tensor) -> bool:
-    """The compiled short-row kernel runs on plain eager CPU tensors only: not while compiling or
-    tracing (graphs hold portable ops) nor while FLOPs are counted (the count must see the attention
-    as an ATen op)."""
-    return x.device.type == "cpu" and type(x) is torch.Tensor and not _tracing() and not counting_flops()
-
-
 def _rotate(x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
     """Rotary shift of ``(B, h, w, n, d)``: pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
 
@@ -243,7 +236,7 @@ class MaSA(nn.Module):
     def _attend(self, q, k, v, bias, view, unview) -> torch.Tensor:
         """One decomposed pass over ``(b, h, w, n, d)`` tokens: ``view`` gives the ``(batch, heads, len, d)``
         strided view of them, ``unview`` brings an attention output back to the token layout."""
-        if _plain_eager_cpu(q) and short_attention_applies(view(q), bias):
+        if short_attention_applies(view(q), bias):
             return short_attention(q, k, v, bias, self.scale, view)
         return unview(F.scaled_dot_product_attention(view(q), view(k), view(v), attn_mask=bias, scale=self.scale))
 
