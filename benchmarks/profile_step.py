@@ -5,7 +5,7 @@ layout copies and the optimizer.
 The operators are timed from a ``TorchDispatchMode`` (the clock read around each kernel call) rather
 than with ``torch.profiler``: on this machine the profiler's instrumentation inflated the oneDNN
 depthwise-convolution backward 3-6x, which misplaces where the time goes. The compiled
-short-attention kernel (``rmt.models.kernels``) is not an ATen operator: its time is in the row
+short-attention kernel (``rmt.models.fast.kernel``) is not an ATen operator: its time is in the row
 "(compiled kernels, Python)", the step's wall time minus all operator times.
 
     python benchmarks/profile_step.py rmt_s --mode train --batch-size 16

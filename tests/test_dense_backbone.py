@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from rmt.dense import RMTBackbone, load_backbone_weights
+from rmt.models import RMTBackbone, load_backbone_weights
 from rmt.errors import RMTError
 from rmt.models.factory import create_model
 from rmt.models.weights import save_weights

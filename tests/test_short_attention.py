@@ -1,4 +1,4 @@
-"""The compiled CPU kernel for MaSA's short decomposed passes (rmt.models.kernels).
+"""The compiled CPU kernel for MaSA's short decomposed passes (rmt.models.fast.kernel).
 
 It must be built on this machine (C++ compiler and ninja are dependencies of CI), give SDPA's numbers
 and gradients on the strided views MaSA passes it, run only where it applies, and leave tracing and
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from golden import TINY_ARGS
 
-from rmt.models import RMT, kernels
+from rmt.models import RMT
+from rmt.models.fast import kernel as kernels
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(kernels, "_failed", False)
     model = RMT(**SHORT_ARGS).eval()
-    with caplog.at_level("WARNING", logger="rmt.models.kernels"):
+    with caplog.at_level("WARNING", logger="rmt.models.fast.kernel"):
         _, ops = _attention_ops(model, torch.randn(1, 3, 64, 64))
         _attention_ops(model, torch.randn(1, 3, 64, 64))
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops

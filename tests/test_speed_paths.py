@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from golden import TINY_ARGS, TINY_CASES
-from rmt.models import RMT, fused
+from rmt.models import RMT
+from rmt.models.fast import ops as fused
 
 CUDA = torch.cuda.is_available()
 
@@ -129,7 +130,7 @@ def _sdpa_kernels(model, x):
 def test_attention_takes_the_fused_cpu_kernel(decomposed, monkeypatch):
     """The CPU flash kernel runs only for 4-D inputs with a 4-D mask; otherwise torch silently uses math.
     (The compiled short-row kernel is switched off here: it would take these short rows instead.)"""
-    from rmt.models import kernels as compiled
+    from rmt.models.fast import kernel as compiled
 
     monkeypatch.setattr(compiled, "_enabled", False)
     model = RMT(**dict(TINY_ARGS, decomposed=decomposed)).eval()

@@ -86,7 +86,7 @@ def _add_flops(sub) -> None:
 
 # ------------------------------------------------------------------------------------ convert
 def _cmd_convert(args) -> int:
-    from .models.weights import convert_checkpoint
+    from .models.factory import convert_checkpoint
 
     name, path = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=args.use_ema)
     print(f"converted {args.input} -> {path} ({name})")

@@ -33,7 +33,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from ..dense.backbone import RMTBackbone
+from ..models.backbone import RMTBackbone
 from ..errors import RMTError, did_you_mean
 from .cascade import AgnosticBoxPredictor, CascadeRoIHeads
 

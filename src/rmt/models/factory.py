@@ -5,6 +5,7 @@ names with suggestions, class counts read off the checkpoint, and one-line error
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -14,10 +15,17 @@ import torch
 from torch import nn
 
 from ..errors import RMTError, did_you_mean
-from .rmt import MODEL_ARGS, default_cfgs
-from .weights import read_checkpoint, read_metadata, unwrap_state_dict
+from .rmt import MODEL_ARGS, checkpoint_filter_fn, default_cfgs, guess_variant
+from .weights import (
+    CheckpointMismatchError,
+    read_checkpoint,
+    read_metadata,
+    read_state_dict,
+    save_weights,
+    unwrap_state_dict,
+)
 
-__all__ = ["list_models", "split_name", "create_model", "checkpoint_info"]
+__all__ = ["list_models", "split_name", "create_model", "checkpoint_info", "convert_checkpoint"]
 
 
 def list_models(pretrained_tags: bool = False) -> List[str]:
@@ -59,8 +67,6 @@ def checkpoint_info(path: str | os.PathLike) -> Dict[str, Any]:
 
 def _mmap_checkpoint(path: Path) -> Any:
     """Open a torch checkpoint without reading its tensors (falls back to a full read)."""
-    import argparse
-
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -93,3 +99,28 @@ def create_model(
     kwargs["num_classes"] = ckpt_classes if num_classes is None else num_classes
     overlay = dict(file=str(checkpoint), num_classes=ckpt_classes)
     return timm.create_model(base, pretrained=True, pretrained_cfg=tag, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model_name: Optional[str] = None,
+    use_ema: bool = False,
+) -> Tuple[str, Path]:
+    """Convert an official checkpoint to our safetensors format.
+
+    The variant is read off the weights unless ``model_name`` is given; the weights are loaded into
+    that model (which checks every key and shape) and saved from it. Returns ``(model_name, dst)``.
+    """
+    state_dict = read_state_dict(src, use_ema=use_ema)
+    name = model_name or guess_variant(state_dict)
+    if name is None:
+        raise CheckpointMismatchError(f"{src}: the weights match no RMT variant; pass the model name")
+    token_label = name.endswith("_tl")
+    base = name[: -len("_tl")] if token_label else name
+    token_label = token_label or "aux_head.weight" in state_dict
+    num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 1000
+    model = timm.create_model(base, pretrained=False, num_classes=num_classes, token_label=token_label)
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+    metadata = dict(model=base, token_label=token_label, num_classes=num_classes, source=Path(src).name)
+    return base, save_weights(model, dst, metadata)

@@ -20,7 +20,7 @@ Speed notes (why the code looks the way it does):
   silently takes the slow math path);
 * the decay biases and rotation tables depend only on the resolution, so they are built once;
 * on the CPU, passes over rows of at most 32 tokens run in a compiled kernel made for short rows
-  (:mod:`rmt.models.kernels`), 3x faster than the flash kernel at 14 tokens (1.6x with backward).
+  (:mod:`rmt.models.fast.kernel`), 3x faster than the flash kernel at 14 tokens (1.6x with backward).
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import fused_linear, gelu_dwconv
-from .kernels import short_attention, short_attention_applies
+from .fast import tracing
+from .fast.kernel import short_attention, short_attention_applies
+from .fast.ops import fused_linear, gelu_dwconv
 
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
 
@@ -52,11 +53,6 @@ class MaSATables(NamedTuple):
     bias: torch.Tensor
     bias_h: Optional[torch.Tensor]
     phase: Optional[torch.Tensor] = None
-
-
-def _tracing() -> bool:
-    """Compiling, exporting or tracing: tables are then built in the graph, in real arithmetic."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -88,8 +84,8 @@ class RelPos2d(nn.Module):
     def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
         """Tables for an ``h x w`` token grid, on ``x``'s device, in the dtype attention runs in."""
         dtype = _compute_dtype(x)
-        if _tracing():
-            return self._build(h, w, dtype)  # part of the traced graph, so exported models take any size
+        if tracing():  # tables are built in the traced graph (real arithmetic), so exports take any size
+            return self._build(h, w, dtype)
         # the buffers' versions are in the key: loading new values into them invalidates the tables
         key = (h, w, dtype, self.angle.device, self.angle._version, self.decay._version)
         tables = self._cache.get(key)
@@ -125,7 +121,7 @@ class RelPos2d(nn.Module):
             return None if t is None else t.to(dtype).contiguous()
 
         phase = None
-        if dtype in (torch.float32, torch.float64) and not _tracing():
+        if dtype in (torch.float32, torch.float64) and not tracing():
             phase = torch.complex(cos[..., ::2].to(dtype), sin[..., 1::2].to(dtype)).contiguous()
         return MaSATables(cast(cos), cast(sin), cast(bias), cast(bias_h), phase)
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rmt import MODEL_ARGS
+
 
 def _dwconv_tokens(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Apply a convolution to channels-last tokens ``(B, h, w, C)``."""
@@ -244,8 +246,6 @@ class ReferenceRMT(nn.Module):
 
 def reference_rmt(variant: str, num_classes: int = 1000, token_label: bool = False) -> ReferenceRMT:
     """Build the oracle of a registered variant (``"rmt_s"``)."""
-    from .rmt import MODEL_ARGS
-
     return ReferenceRMT(**MODEL_ARGS[variant], num_classes=num_classes, token_label=token_label)
 
 

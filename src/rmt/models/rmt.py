@@ -17,26 +17,30 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models import load_pretrained as timm_load_pretrained
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ..errors import RMTError
-from .fused import fused_linear
+from .fast.ops import fused_linear
 from .masa import MaSA, MaSATables, RelPos2d, TokenConv
+from .weights import (
+    CheckpointError,
+    CheckpointMismatchError,
+    infer_arch,
+    read_state_dict,
+    remap_official_keys,
+    unwrap_state_dict,
+)
 
-__all__ = ["RMT", "MODEL_ARGS", "checkpoint_filter_fn", "remap_official_keys", "CheckpointMismatchError",
-           "guess_variant", "infer_arch"]
+__all__ = ["RMT", "MODEL_ARGS", "checkpoint_filter_fn", "guess_variant"]
 
 _logger = logging.getLogger(__name__)
 
@@ -437,8 +441,6 @@ class RMT(nn.Module):
         Reads the file safely (:func:`rmt.models.weights.read_state_dict`), then lets timm adapt the
         classifier and input channels and :func:`checkpoint_filter_fn` map and check the keys.
         """
-        from .weights import read_state_dict
-
         state_dict = read_state_dict(path)
         cfg = dict(self.pretrained_cfg, state_dict=state_dict, custom_load=False, file=None)
         timm_load_pretrained(self, pretrained_cfg=cfg, num_classes=self.num_classes, in_chans=self.in_chans,
@@ -446,13 +448,6 @@ class RMT(nn.Module):
 
 
 # --------------------------------------------------------------------------------- checkpoints
-class CheckpointMismatchError(RMTError, ValueError):
-    """A checkpoint's weights do not fit the model they are loaded into."""
-
-
-_OFFICIAL_QKV = re.compile(r"^(.*\.retention\.)([qkv])_proj\.(weight|bias)$")
-
-
 def _describe(arch: Dict[str, Any]) -> str:
     return f"embed_dims {arch['embed_dims']}, depths {arch['depths']}"
 
@@ -468,41 +463,6 @@ def guess_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
-    """Widths, depths and token-labelling of the network a state dict (official or ours) belongs to."""
-    depths: Dict[int, int] = {}
-    dims: Dict[int, int] = {}
-    for key, value in state_dict.items():
-        m = re.match(r"^layers\.(\d+)\.blocks\.(\d+)\.retention_layer_norm\.weight$", key)
-        if m:
-            stage, block = int(m.group(1)), int(m.group(2))
-            depths[stage] = max(depths.get(stage, 0), block + 1)
-            dims[stage] = value.shape[0]
-    if not depths or sorted(depths) != list(range(len(depths))):
-        return None
-    n = len(depths)
-    return dict(embed_dims=tuple(dims[i] for i in range(n)), depths=tuple(depths[i] for i in range(n)),
-                token_label="aux_head.weight" in state_dict)
-
-
-def remap_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Official key layout -> ours: fuse q/k/v projections, ``Relpos`` -> ``relpos``."""
-    out: Dict[str, torch.Tensor] = {}
-    qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        m = _OFFICIAL_QKV.match(key)
-        if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-            continue
-        out[re.sub(r"\.Relpos\.", ".relpos.", key)] = value
-    for (prefix, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            missing = sorted({"q", "k", "v"} - set(parts))
-            raise CheckpointMismatchError(f"checkpoint has no {prefix}{missing[0]}_proj.{kind}")
-        out[f"{prefix}qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RMT) -> Dict[str, torch.Tensor]:
     """Map an official (or rmt) state dict onto ``model`` and check that it fits.
 
@@ -511,8 +471,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RMT) -> Dict[str, to
     :class:`CheckpointMismatchError` naming the variant the weights belong to and the first
     mismatched keys when they were trained for another architecture.
     """
-    from .weights import unwrap_state_dict
-
     state_dict = remap_official_keys(unwrap_state_dict(state_dict))
     expected = model.state_dict()
     if model.aux_head is None and "aux_head.weight" in state_dict:
@@ -596,8 +554,6 @@ def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
         overlay.setdefault("custom_load", True)
         kwargs["pretrained_cfg_overlay"] = overlay
     elif pretrained and not (overlay.get("state_dict") or isinstance(tag, dict)):
-        from .weights import CheckpointError
-
         raise CheckpointError(
             f"{variant}: official RMT weights cannot be downloaded automatically (they are on Baidu Netdisk, "
             f"see https://github.com/qhfan/RMT). Download the file and pass "

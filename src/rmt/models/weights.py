@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..errors import RMTError
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "read_state_dict", "unwrap_state_dict", "save_weights",
-    "read_metadata", "convert_checkpoint", "load_matching_weights",
+    "read_metadata", "load_matching_weights", "CheckpointMismatchError", "remap_official_keys", "infer_arch",
 ]
 
 WEIGHT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
@@ -32,6 +35,10 @@ reference evaluates ``model``)."""
 
 class CheckpointError(RMTError, ValueError):
     """A file that cannot be read as RMT weights."""
+
+
+class CheckpointMismatchError(RMTError, ValueError):
+    """A checkpoint's weights do not fit the model they are loaded into."""
 
 
 def _torch_load(path: Path) -> Any:
@@ -60,8 +67,6 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         return _torch_load(path)
     except Exception as e:  # torch and safetensors raise many types for a bad file
@@ -102,8 +107,6 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     return {k: json.loads(v) for k, v in raw.items()}
@@ -111,42 +114,11 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: Optional[Dict[str, Any]] = None) -> Path:
     """Write ``model``'s state dict as safetensors; ``metadata`` values are stored as JSON."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
     return path
-
-
-def convert_checkpoint(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    model_name: Optional[str] = None,
-    use_ema: bool = False,
-) -> Tuple[str, Path]:
-    """Convert an official checkpoint to our safetensors format.
-
-    The variant is read off the weights unless ``model_name`` is given; the weights are loaded into
-    that model (which checks every key and shape) and saved from it. Returns ``(model_name, dst)``.
-    """
-    import timm
-
-    from .rmt import CheckpointMismatchError, checkpoint_filter_fn, guess_variant
-
-    state_dict = read_state_dict(src, use_ema=use_ema)
-    name = model_name or guess_variant(state_dict)
-    if name is None:
-        raise CheckpointMismatchError(f"{src}: the weights match no RMT variant; pass the model name")
-    token_label = name.endswith("_tl")
-    base = name[: -len("_tl")] if token_label else name
-    token_label = token_label or "aux_head.weight" in state_dict
-    num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 1000
-    model = timm.create_model(base, pretrained=False, num_classes=num_classes, token_label=token_label)
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
-    metadata = dict(model=base, token_label=token_label, num_classes=num_classes, source=Path(src).name)
-    return base, save_weights(model, dst, metadata)
 
 
 def load_matching_weights(model: torch.nn.Module, path: str | os.PathLike, prefix: str = "",
@@ -158,8 +130,6 @@ def load_matching_weights(model: torch.nn.Module, path: str | os.PathLike, prefi
     whose shapes differ, or that the checkpoint lacks, keep the model's fresh initialisation.
     Returns ``{"loaded", "reinitialised", "unexpected"}`` key lists; raises when nothing fits.
     """
-    from .rmt import remap_official_keys
-
     source = read_state_dict(path, use_ema=use_ema)
     if prefix:
         source = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
@@ -171,3 +141,41 @@ def load_matching_weights(model: torch.nn.Module, path: str | os.PathLike, prefi
     model.load_state_dict(fits, strict=False)
     return dict(loaded=sorted(fits), reinitialised=sorted(k for k in target if k not in fits),
                 unexpected=sorted(k for k in source if k not in target))
+
+
+_OFFICIAL_QKV = re.compile(r"^(.*\.retention\.)([qkv])_proj\.(weight|bias)$")
+
+
+def remap_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official key layout -> ours: fuse q/k/v projections, ``Relpos`` -> ``relpos``."""
+    out: Dict[str, torch.Tensor] = {}
+    qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        m = _OFFICIAL_QKV.match(key)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        out[re.sub(r"\.Relpos\.", ".relpos.", key)] = value
+    for (prefix, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            missing = sorted({"q", "k", "v"} - set(parts))
+            raise CheckpointMismatchError(f"checkpoint has no {prefix}{missing[0]}_proj.{kind}")
+        out[f"{prefix}qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
+    """Widths, depths and token-labelling of the network a state dict (official or ours) belongs to."""
+    depths: Dict[int, int] = {}
+    dims: Dict[int, int] = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^layers\.(\d+)\.blocks\.(\d+)\.retention_layer_norm\.weight$", key)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+            dims[stage] = value.shape[0]
+    if not depths or sorted(depths) != list(range(len(depths))):
+        return None
+    n = len(depths)
+    return dict(embed_dims=tuple(dims[i] for i in range(n)), depths=tuple(depths[i] for i in range(n)),
+                token_label="aux_head.weight" in state_dict)

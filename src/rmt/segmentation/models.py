@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.ade20k import IGNORE_INDEX
-from ..dense.backbone import RMTBackbone
+from ..models.backbone import RMTBackbone
 from ..errors import RMTError, did_you_mean
 from .heads import FCNHead, SemanticFPNHead, UPerHead, upsample
 

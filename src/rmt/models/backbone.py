@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import RMTError
+from .factory import create_model
+from .weights import load_matching_weights, read_state_dict
 
 __all__ = ["RMTBackbone", "load_backbone_weights"]
 
@@ -60,8 +62,6 @@ class RMTBackbone(nn.Module):
         grad_checkpointing: bool = False,
     ):
         super().__init__()
-        from ..models.factory import create_model
-
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices or sorted(set(out_indices)) != list(out_indices) or not 0 <= out_indices[0] \
                 or out_indices[-1] > 3:
@@ -139,8 +139,6 @@ def load_backbone_weights(backbone: RMTBackbone, path: str | os.PathLike, prefix
     segmentation run (``model.safetensors``, ``best.pth``) are recognised and their backbone,
     level norms included, is taken.
     """
-    from ..models.weights import load_matching_weights, read_state_dict
-
     if not os.path.isfile(path):
         raise RMTError(f"backbone weights not found: {path}")
     if not prefix:

@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import flop_counter
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["fused_linear", "gelu_dwconv", "use_onednn", "counting_flops"]
+from . import fast_path_allowed
+
+__all__ = ["fused_linear", "gelu_dwconv", "use_onednn"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _enabled = True
@@ -38,24 +38,8 @@ def use_onednn(enabled: bool) -> None:
     _enabled = enabled
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-
-
-# FlopCounterMode pushes an internal dispatch mode (_FlopCounterMode in recent torch, itself before)
-_FLOP_MODES = tuple(c for c in (getattr(flop_counter, "FlopCounterMode", None),
-                                getattr(flop_counter, "_FlopCounterMode", None)) if isinstance(c, type))
-
-
-def counting_flops() -> bool:
-    """FLOPs are being counted: fast paths must then run the ATen ops that the counter knows."""
-    return isinstance(_get_current_dispatch_mode(), _FLOP_MODES)
-
-
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
-    if not (_ONEDNN and _enabled) or _tracing() or type(x) is not torch.Tensor:  # fake/traced tensors: plain ops
-        return False
-    if counting_flops():
+    if not (_ONEDNN and _enabled) or not fast_path_allowed(x):
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
@@ -124,7 +108,7 @@ def gelu_dwconv(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Under autograd it stores ``h`` alone (see the module doc); otherwise it is the plain ops.
     """
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    if needs_grad and not _tracing():
+    if needs_grad and fast_path_allowed(h):
         with torch.autocast(h.device.type, enabled=False):  # computes in h's dtype, as autocast would
             return _GeluDWConv.apply(h, weight, bias, tuple(padding))
     return F.conv2d(F.gelu(h), weight.to(h.dtype), None if bias is None else bias.to(h.dtype), padding=padding,

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .fused import _tracing, counting_flops
+from . import fast_path_allowed
 
 __all__ = ["short_attention", "short_attention_applies", "use_cpu_kernels", "MAX_SHORT_LENGTH"]
 
@@ -74,7 +74,7 @@ def short_attention_applies(q: torch.Tensor, bias: torch.Tensor) -> bool:
     16, 32 or 64 (the compiled cases), and the kernel built."""
     if not _enabled or _failed or q.device.type != "cpu" or q.dtype != torch.float32 or bias.dtype != torch.float32:
         return False
-    if type(q) is not torch.Tensor or _tracing() or counting_flops():
+    if not fast_path_allowed(q):
         return False
     if q.shape[-2] > MAX_SHORT_LENGTH or q.shape[-1] not in (16, 32, 64) or bias.requires_grad:
         return False

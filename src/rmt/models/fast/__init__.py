@@ -1,0 +1,35 @@
+"""MaSA's fast paths, in one place: fused linear epilogues, GELU + depthwise conv with a lean
+backward, and the compiled short-row attention kernel (``csrc/``).
+
+Every fast path has the plain PyTorch math beside it and takes it unless :func:`fast_path_allowed`
+holds: eager execution on plain tensors. Compiling, exporting, scripting and FX tracing get the plain
+ops (their graphs must hold portable ATen ops), and so does FLOP counting (the counter must see
+the attention and the linears as ATen ops). Each path adds its own conditions (device, dtype,
+shape) in its ``*_applies`` function.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["fast_path_allowed", "tracing", "counting_flops"]
+
+# FlopCounterMode pushes an internal dispatch mode (_FlopCounterMode in recent torch, itself before)
+_FLOP_MODES = tuple(c for c in (getattr(flop_counter, "FlopCounterMode", None),
+                                getattr(flop_counter, "_FlopCounterMode", None)) if isinstance(c, type))
+
+
+def tracing() -> bool:
+    """Compiling, exporting, scripting or tracing: graphs must then hold portable ops."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def counting_flops() -> bool:
+    """FLOPs are being counted: fast paths must then run the ATen ops that the counter knows."""
+    return isinstance(_get_current_dispatch_mode(), _FLOP_MODES)
+
+
+def fast_path_allowed(x: torch.Tensor) -> bool:
+    """Whether a fast path may take ``x``: a plain eager tensor, not traced, compiled or FLOP-counted."""
+    return type(x) is torch.Tensor and not tracing() and not counting_flops()
