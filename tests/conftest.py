@@ -1,21 +1,35 @@
+"""Shared fixtures. Files of our own formats are written through the formats' own code (the run-checkpoint
+schema of rmt.training.checkpoint, rmt.models.weights.save_weights), never by hand."""
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/golden.py and friends
-
-import rmt  # noqa: E402,F401  registers the models
+import rmt  # noqa: F401  registers the models
+from golden import TINY_CASES, load_golden, official_state_dict, save_official_checkpoint
+from rmt.models.weights import save_weights
+from rmt.training.checkpoint import Progress, RunCheckpoint
+from rmt.training.files import atomic_save
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def write_run_checkpoint(path, model: torch.nn.Module, meta: dict, **fields):
+    """A run checkpoint (``last.pth``/``best.pth``) for ``model``, as `rmt train` writes it."""
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint = RunCheckpoint(meta=meta, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                               progress=Progress(epoch=1), history=[], ranks=[{}], **fields)
+    return atomic_save(checkpoint.to_dict(), path)
+
+
+def write_weights(path, model: torch.nn.Module, meta: dict):
+    """A ``model.safetensors`` with metadata, as a run writes it."""
+    return save_weights(model, path, meta)
 
 
 @pytest.fixture
 def golden_checkpoint(tmp_path):
     """Save a golden case's weights as an official checkpoint file; returns (path, golden data, model args)."""
-    from golden import TINY_CASES, load_golden, official_state_dict, save_official_checkpoint
 
     def make(name: str, **save_kwargs):
         data = load_golden(name)

@@ -40,7 +40,8 @@ def official_state_dict(keys) -> dict[str, torch.Tensor]:
             t = 0.5 + 0.1 * torch.randn(shape, generator=g)
         elif len(shape) >= 2:
             t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-            if name.endswith(("out_proj.weight", "fc2.weight")) or any(s in name for s in (".pos.", ".lepe.", "dwconv")):
+            small = (".pos.", ".lepe.", "dwconv")
+            if name.endswith(("out_proj.weight", "fc2.weight")) or any(s in name for s in small):
                 t = t * 0.2
         elif name.endswith("weight"):
             t = 1 + 0.1 * torch.randn(shape, generator=g)

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from rmt.models import RMTBackbone, load_backbone_weights
 from rmt.errors import RMTError
+from rmt.models import RMTBackbone, load_backbone_weights
 from rmt.models.factory import create_model
 from rmt.models.weights import save_weights
 

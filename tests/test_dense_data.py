@@ -162,7 +162,8 @@ def test_ade20k_layout_and_ignore_label(tmp_path):
     assert image.shape == (3, 2, 3)
     assert target.tolist() == [[IGNORE_INDEX, 0, 1], [149, IGNORE_INDEX, 2]]  # 0 ignored, k -> k - 1
     assert ADE20KDataset(tmp_path, "training", reduce_zero_label=False)[0][1].tolist() == label.tolist()
-    (tmp_path / "objectInfo150.csv").write_text("Idx,Ratio,Train,Val,Name\n1,0.1,1,1,wall\n2,0.1,1,1,building;edifice\n")
+    (tmp_path / "objectInfo150.csv").write_text("Idx,Ratio,Train,Val,Name\n1,0.1,1,1,wall\n"
+                                                "2,0.1,1,1,building;edifice\n")
     assert read_class_names(tmp_path) == ["wall", "building"]
     with pytest.raises(RMTError, match="ADE20K layout"):
         ADE20KDataset(tmp_path, "test")

@@ -8,11 +8,13 @@ import torch
 from rmt.cli import main
 from rmt.data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
 from rmt.data.shapes import generate_shapes
-from rmt.dense.config import DetConfig, bundled_configs, load_config
 from rmt.detection.cascade import CASCADE_IOUS, CascadeRoIHeads
+from rmt.detection.config import DetConfig
 from rmt.detection.evaluate import coco_metrics
 from rmt.detection.models import ARCHS, build_detector
 from rmt.errors import RMTError
+from rmt.training.checkpoint import read_run_checkpoint
+from rmt.training.config import bundled_configs, load_config
 
 # heads small enough for a CPU test; the architecture is the real one
 TINY = dict(min_size=(64,), max_size=64, anchor_sizes=(8, 16, 32, 64, 128), neck_channels=32)
@@ -117,7 +119,7 @@ def test_paper_schedule_configs():
     one = load_config(DetConfig, "mask_rcnn_1x")
     assert (one.arch, one.epochs, one.lr_steps, one.lr, one.weight_decay) == ("mask_rcnn", 12, [8, 11], 1e-4, 0.05)
     assert (one.min_size, one.max_size, one.neck_channels) == ([800], 1333, 256)
-    three = load_config(DetConfig, "configs/det_mask_rcnn_3x.yaml")
+    three = load_config(DetConfig, "configs/detection/mask_rcnn_3x.yaml")
     assert (three.epochs, three.lr_steps, min(three.min_size), max(three.min_size)) == (36, [27, 33], 480, 800)
     cascade = load_config(DetConfig, "cascade_mask_rcnn_3x")
     assert (cascade.arch, cascade.epochs, cascade.box_head) == ("cascade_mask_rcnn", 36, "4conv1fc")
@@ -153,7 +155,7 @@ def test_cli_train_resume_eval_predict(shapes, tmp_path, capsys):
     assert main(["det", "train", "--config", str(out / "config.yaml"), "--epochs", "2", "--resume", "auto"]) == 0
     rows = _rows(out / "metrics.csv")
     assert [r["iteration"] for r in rows] == ["2", "4"]
-    assert torch.load(out / "last.pth", weights_only=False)["iteration"] == 4
+    assert read_run_checkpoint(out / "last.pth", task="detection").progress.iteration == 4
     capsys.readouterr()
 
     assert main(["det", "eval", "--checkpoint", str(out / "model.safetensors"), "--json"]) == 0

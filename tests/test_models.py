@@ -235,7 +235,8 @@ def test_registered_in_timm_with_pretrained_cfgs():
         assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
     data_cfg = timm.data.resolve_data_config({}, model=timm.create_model("rmt_t"))
     transform = timm.data.create_transform(**data_cfg)
-    assert "Resize(size=256, interpolation=bicubic" in str(transform) and "CenterCrop(size=(224, 224))" in str(transform)
+    assert "Resize(size=256, interpolation=bicubic" in str(transform)
+    assert "CenterCrop(size=(224, 224))" in str(transform)
 
 
 def test_tables_are_cached_and_follow_buffers():

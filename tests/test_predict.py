@@ -9,9 +9,10 @@ from PIL import Image
 from skimage import data as skdata
 
 import rmt
+from conftest import write_run_checkpoint
+from rmt.classification.predict import Prediction, load_classifier
 from rmt.cli import main
 from rmt.models.weights import save_weights
-from rmt.tools.predict import Prediction, load_classifier
 
 RUN_CLASSES = ["cat", "coffee", "rocket"]
 RUN_CLASSES_DEFAULT = [f"class_{i}" for i in range(3)]  # a built model without stored names
@@ -57,10 +58,9 @@ def run_checkpoint(tmp_path_factory):
     """A checkpoint as `rmt train` writes it (best.pth): weights plus model name, class names, data config."""
     torch.manual_seed(0)
     model = timm.create_model("rmt_t", num_classes=len(RUN_CLASSES))
-    path = tmp_path_factory.mktemp("run") / "best.pth"
-    torch.save({"model": model.state_dict(), "model_name": "rmt_t", "class_names": RUN_CLASSES,
-                    "data_config": RUN_DATA_CONFIG, "epoch": 1}, path)
-    return path
+    meta = dict(task="classification", model="rmt_t", class_names=RUN_CLASSES, num_classes=len(RUN_CLASSES),
+                token_label=False, data_config=RUN_DATA_CONFIG, config={})
+    return write_run_checkpoint(tmp_path_factory.mktemp("run") / "best.pth", model, meta)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,10 @@ def test_modes_decode_to_the_same_picture(photos, tiny_classifier):
     """16-bit grey reads as its 8-bit version; RGBA is composited on white (not black); CMYK round-trips."""
     root, _, _ = photos
     classifier = load_classifier(tiny_classifier, device="cpu")
-    as_array = lambda name: np.asarray(classifier.read(root / name), dtype=np.int16)
+
+    def as_array(name):
+        return np.asarray(classifier.read(root / name), dtype=np.int16)
+
     assert np.abs(as_array("grey16.png") - as_array("grey.png")).max() <= 1
     rgb, rgba = as_array("rgb.jpg"), as_array("rgba.png")
     half = rgb.shape[0] // 2
@@ -114,7 +117,7 @@ def test_directory_input_and_missing_path(photos, tiny_classifier, tmp_path):
 
 
 def test_predict_is_exported():
-    assert rmt.predict is rmt.tools.predict.predict
+    assert rmt.predict is rmt.classification.predict.predict
     assert "predict" in rmt.__all__
 
 

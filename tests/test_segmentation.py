@@ -8,11 +8,13 @@ from torch import nn
 
 from rmt.cli import main
 from rmt.data.shapes import generate_shapes
-from rmt.dense.config import SegConfig, bundled_configs, load_config
 from rmt.errors import RMTError
+from rmt.segmentation.config import SegConfig
 from rmt.segmentation.evaluate import confusion_matrix, evaluate, segmentation_metrics
 from rmt.segmentation.heads import FCNHead
 from rmt.segmentation.models import build_segmentor, slide_inference
+from rmt.training.checkpoint import read_run_checkpoint
+from rmt.training.config import bundled_configs, load_config
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,7 @@ def test_paper_schedule_configs():
            ("upernet", 6e-5, 160000, 1.0, 0.01)
     assert (upernet.scale, upernet.ratio_range, upernet.crop_size, upernet.aux_weight) == \
            ([2048, 512], [0.5, 2.0], [512, 512], 0.4)
-    fpn = load_config(SegConfig, "configs/seg_semantic_fpn_80k.yaml")
+    fpn = load_config(SegConfig, "configs/segmentation/semantic_fpn_80k.yaml")
     assert (fpn.arch, fpn.lr, fpn.max_iters, fpn.poly_power) == ("semantic_fpn", 2e-4, 80000, 0.9)
     with pytest.raises(RMTError, match="crop_size"):
         load_config(SegConfig, None, {"crop_size": [512]})
@@ -187,7 +189,7 @@ def test_two_process_ddp_training(shapes, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("config.yaml", "metrics.csv", "last.pth", "model.safetensors"):
         assert (out / name).is_file(), name
-    assert torch.load(out / "last.pth", weights_only=True, map_location="cpu")["world_size"] == 2
+    assert read_run_checkpoint(out / "last.pth", task="segmentation").world_size == 2
     assert "2 process(es)" in done.stdout + done.stderr
     with open(out / "metrics.csv", newline="") as f:
         assert [r["iteration"] for r in csv.DictReader(f)] == ["2"]

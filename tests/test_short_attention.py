@@ -7,8 +7,8 @@ FLOP counting to the PyTorch kernels.
 import pytest
 import torch
 import torch.nn.functional as F
-from golden import TINY_ARGS
 
+from golden import TINY_ARGS
 from rmt.models import RMT
 from rmt.models.fast import kernel as kernels
 

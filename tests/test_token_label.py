@@ -5,12 +5,20 @@ import pytest
 import torch
 from PIL import Image
 
+from rmt.classification import ClassificationConfig, train
+from rmt.classification.losses import TokenLabelLoss
 from rmt.cli import main
-from rmt.data.token_label import (JointRandAugment, TokenLabelDataset, dense_logits, label_path, read_label_map,
-                                  token_targets, write_label_map)
-from rmt.engine import load_config, train
-from rmt.engine.losses import TokenLabelLoss
+from rmt.data.token_label import (
+    JointRandAugment,
+    TokenLabelDataset,
+    dense_logits,
+    label_path,
+    read_label_map,
+    token_targets,
+    write_label_map,
+)
 from rmt.errors import RMTError
+from rmt.training import load_config, read_run_checkpoint
 
 
 def _two_colour_folder(root, n=4, size=(96, 96)):
@@ -87,21 +95,21 @@ def test_generate_labels_and_train_with_them(tmp_path, capsys):
     assert len(files) == 8
     assert read_label_map(files[0]).shape == (2, 5, 2, 2)
 
-    cfg = load_config("rmt_t", dict(data=str(root), token_label_data=str(out), img_size=64, batch_size=4, epochs=1,
-                                    warmup_epochs=0, workers=0, mixup=0.0, cutmix=0.0, repeated_aug=False,
-                                    model_ema=False, output=str(tmp_path / "run")))
+    cfg = load_config(ClassificationConfig, "rmt_t", dict(
+        data=str(root), token_label_data=str(out), img_size=64, batch_size=4, epochs=1, warmup_epochs=0, workers=0,
+        mixup=0.0, cutmix=0.0, repeated_aug=False, model_ema=False, output=str(tmp_path / "run")))
     with pytest.raises(RMTError, match="indices out of range for 2 classes"):
         train(cfg)  # the teacher predicts 1000 classes, the folder has 2
 
 
 def test_token_label_training_run(tmp_path):
     root, labels = _two_colour_folder(tmp_path)
-    cfg = load_config("rmt_s_tl", dict(model="rmt_t", data=str(root), token_label_data=str(labels), img_size=64,
-                                       batch_size=4, epochs=1, warmup_epochs=0, workers=0, reprob=0.25,
-                                       output=str(tmp_path / "run")))
+    cfg = load_config(ClassificationConfig, "rmt_s_tl", dict(
+        model="rmt_t", data=str(root), token_label_data=str(labels), img_size=64, batch_size=4, epochs=1,
+        warmup_epochs=0, workers=0, reprob=0.25, output=str(tmp_path / "run")))
     result = train(cfg)
-    state = torch.load(result.output / "last.pth", weights_only=True)
-    assert state["token_label"] and "aux_head.weight" in state["model"]
+    state = read_run_checkpoint(result.output / "last.pth")
+    assert state.meta["token_label"] and "aux_head.weight" in state.model
     assert result.final["train_loss"] > 0
 
 

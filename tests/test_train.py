@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,19 +12,26 @@ import pytest
 import torch
 import yaml
 
+from rmt.classification import ClassificationConfig, train
+from rmt.classification.train import METRIC_COLUMNS
 from rmt.cli import main
 from rmt.data import DigitsDataset
-from rmt.engine import load_config, train
-from rmt.engine.distributed import DistInfo
-from rmt.engine.train import METRIC_COLUMNS, _Trainer
-from rmt.errors import RMTError
-from rmt.models.weights import read_metadata
+from rmt.errors import RMTError, RunInterrupted
+from rmt.models import create_model
+from rmt.models.weights import load_matching_weights, read_metadata
+from rmt.training import TrainingRun, load_config
+from rmt.training.checkpoint import read_run_checkpoint
+from rmt.training.distributed import DistInfo, ShardSampler
 
 QUICK = dict(max_train_samples=128, max_val_samples=64, img_size=16, batch_size=32, epochs=2, warmup_epochs=1)
 
 
 def quick_config(tmp_path, **overrides):
-    return load_config("digits", dict(QUICK, output=str(tmp_path / "run"), **overrides))
+    return load_config(ClassificationConfig, "digits", dict(QUICK, output=str(tmp_path / "run"), **overrides))
+
+
+def config(name, overrides=None):
+    return load_config(ClassificationConfig, name, overrides)
 
 
 def test_digits_split_is_fixed_and_stratified():
@@ -47,18 +55,18 @@ def test_augmentation_is_random_but_seedable():
 
 class TestConfig:
     def test_defaults_are_the_paper_recipe(self):
-        cfg = load_config("rmt_s")
+        cfg = config("rmt_s")
         assert (cfg.model, cfg.drop_path, cfg.epochs, cfg.lr_base, cfg.weight_decay) == ("rmt_s", 0.15, 300, 5e-4, 0.05)
         assert (cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr, cfg.smoothing) == (5, 1e-6, 1e-5, 0.1)
         assert (cfg.aa, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.reprob) == \
                ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.5, 0.25)
         assert cfg.repeated_aug and cfg.model_ema and cfg.model_ema_decay == 0.99996
         assert (cfg.interpolation, cfg.crop_pct) == ("bicubic", 0.875)
-        tl = load_config("rmt_b_tl")
+        tl = config("rmt_b_tl")
         assert (tl.model, tl.mixup, tl.cutmix, tl.token_label_dense_weight) == ("rmt_b", 0.0, 0.0, 0.5)
 
     def test_flags_override_and_types(self):
-        cfg = load_config("digits", {"epochs": "3", "lr": "1e-3", "model_ema": "true", "scale": ["0.5", "1"]})
+        cfg = config("digits", {"epochs": "3", "lr": "1e-3", "model_ema": "true", "scale": ["0.5", "1"]})
         assert (cfg.epochs, cfg.lr, cfg.model_ema, cfg.scale) == (3, 1e-3, True, (0.5, 1.0))
 
     @pytest.mark.parametrize("overrides,message", [
@@ -67,22 +75,26 @@ class TestConfig:
         ({"epochs": "ten"}, "'ten' is not a valid int"),
         ({"reprob": 2}, "reprob must be between 0 and 1"),
         ({"amp": "fp32"}, "amp must be one of"),
+        ({"lr": "nan"}, "lr must be a finite number"),
+        ({"lr": "inf"}, "lr must be a finite number"),
+        ({"max_val_samples": 0}, "max_val_samples must be positive"),
+        ({"scale": [0.5]}, "'scale': [0.5] is not a valid sequence of 2 float values"),
         ({"model": "rmt_xs"}, "did you mean"),
         ({"batch_sise": 4}, "unknown config key 'batch_sise' (did you mean 'batch_size'?)"),
     ])
     def test_bad_values_are_clear_errors(self, overrides, message):
-        with pytest.raises(RMTError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
-            load_config("digits", overrides)
+        with pytest.raises(RMTError, match=re.escape(message)):
+            config("digits", overrides)
 
     def test_unknown_key_in_a_file(self, tmp_path):
         path = tmp_path / "c.yaml"
         path.write_text("base: digits\nepochz: 3\n")
         with pytest.raises(RMTError, match="unknown config key 'epochz'.*did you mean 'epochs'"):
-            load_config(str(path))
+            config(str(path))
 
     def test_missing_config(self):
         with pytest.raises(RMTError, match="config 'rmt_ss' not found.*did you mean 'rmt_s'"):
-            load_config("rmt_ss")
+            config("rmt_ss")
 
 
 def _rows(run: Path):
@@ -105,10 +117,13 @@ def test_train_run_directory_and_resume(tmp_path):
     assert saved["epochs"] == 2 and saved["output"] == str(run) and saved["img_size"] == 16
     meta = read_metadata(run / "model.safetensors")
     assert meta["model"] == "rmt_t" and meta["class_names"] == [str(i) for i in range(10)]
-    last = torch.load(run / "last.pth", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "rng", "model_ema", "scaler"} <= set(last)
+    assert meta["task"] == "classification" and meta["config"]["epochs"] == 2 and "val_top1" in meta["metrics"]
+    last = read_run_checkpoint(run / "last.pth", task="classification")
+    assert (last.progress.epoch, last.progress.step) == (2, 0) and len(last.history) == 2
+    assert last.scheduler is not None and last.model_ema is None and len(last.ranks) == 1
+    assert read_metadata(run / "last.pth") == last.meta  # the same metadata in the checkpoint and the weights
     # --resume auto continues where the run stopped
-    more = train(load_config(str(run / "config.yaml"), {"epochs": 3, "resume": "auto"}))
+    more = train(config(str(run / "config.yaml"), {"epochs": 3, "resume": "auto"}))
     assert [int(r["epoch"]) for r in _rows(run)] == [1, 2, 3]
     assert len(more.history) == 3
 
@@ -119,7 +134,7 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
     expected = torch.load(straight.output / "last.pth", weights_only=True)["model"]
 
     steps = {"n": 0}
-    original = _Trainer._optimizer_step
+    original = TrainingRun._optimizer_step
 
     def step_then_signal(self):
         original(self)
@@ -127,18 +142,19 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
         if steps["n"] == 3:  # inside the first epoch (4 steps of 32)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(_Trainer, "_optimizer_step", step_then_signal)
-    stopped = train(quick_config(tmp_path / "b"))
-    assert stopped.stopped_early
-    checkpoint = torch.load(stopped.output / "last.pth", weights_only=True)
-    assert (checkpoint["epoch"], checkpoint["step"]) == (0, 3)
-    monkeypatch.setattr(_Trainer, "_optimizer_step", original)
-    resumed = train(load_config(str(stopped.output / "config.yaml"), {"resume": "auto"}))
-    assert not resumed.stopped_early
+    monkeypatch.setattr(TrainingRun, "_optimizer_step", step_then_signal)
+    with pytest.raises(RunInterrupted) as stop:
+        train(quick_config(tmp_path / "b"))
+    assert stop.value.exit_status == 128 + signal.SIGTERM and "--resume auto" in str(stop.value)
+    stopped = tmp_path / "b" / "run"
+    checkpoint = read_run_checkpoint(stopped / "last.pth")
+    assert (checkpoint.progress.epoch, checkpoint.progress.step) == (0, 3)
+    monkeypatch.setattr(TrainingRun, "_optimizer_step", original)
+    resumed = train(config(str(stopped / "config.yaml"), {"resume": "auto"}))
     final = torch.load(resumed.output / "last.pth", weights_only=True)["model"]
     for key, value in expected.items():
         assert torch.equal(value, final[key]), key
-    assert _rows(straight.output) [-1]["val_top1"] == _rows(resumed.output)[-1]["val_top1"]
+    assert _rows(straight.output)[-1]["val_top1"] == _rows(resumed.output)[-1]["val_top1"]
 
 
 def test_eval_cli_json_on_our_checkpoint(tmp_path, capsys):
@@ -151,16 +167,19 @@ def test_eval_cli_json_on_our_checkpoint(tmp_path, capsys):
     assert "top-1" in capsys.readouterr().out
 
 
-def test_finetune_reports_reinitialised_keys(tmp_path):
+def test_finetune_reports_reinitialised_keys(tmp_path, caplog):
     from golden import load_golden, official_state_dict, save_official_checkpoint
 
-    ckpt = save_official_checkpoint(tmp_path / "RMT-T.pth", official_state_dict(load_golden("official_keys_rmt_t")["keys"]))
-    trainer = _Trainer(quick_config(tmp_path, finetune=str(ckpt), epochs=1), info=DistInfo())
-    report = trainer.finetune_report
+    official = official_state_dict(load_golden("official_keys_rmt_t")["keys"])
+    ckpt = save_official_checkpoint(tmp_path / "RMT-T.pth", official)
+    model = create_model("rmt_t", num_classes=10)
+    report = load_matching_weights(model, ckpt)
     assert report["reinitialised"] == ["head.bias", "head.weight"]
     assert len(report["loaded"]) > 100
-    official_fc1 = official_state_dict(load_golden("official_keys_rmt_t")["keys"])["layers.2.blocks.0.ffn.fc1.weight"]
-    assert torch.equal(trainer.model.layers[2].blocks[0].ffn.fc1.weight, official_fc1)
+    assert torch.equal(model.layers[2].blocks[0].ffn.fc1.weight, official["layers.2.blocks.0.ffn.fc1.weight"])
+    with caplog.at_level("INFO", logger="rmt.train"):
+        train(quick_config(tmp_path, finetune=str(ckpt), epochs=1, max_train_samples=32, max_val_samples=32))
+    assert "re-initialised 2: head.bias, head.weight" in caplog.text
 
 
 def test_cli_train_errors_are_one_line(tmp_path, capsys):
@@ -190,7 +209,7 @@ def _image_folder(root: Path, classes=("cat", "dog"), per_class=8, size=(40, 48)
 def test_image_folder_training_with_the_recipe(tmp_path):
     """The ImageNet recipe path (timm transforms, RandAugment, mixup, repeated aug, EMA) on a tiny folder."""
     data = _image_folder(tmp_path / "data")
-    cfg = load_config("rmt_t", dict(data=str(data), img_size=32, batch_size=8, epochs=1, warmup_epochs=0,
+    cfg = config("rmt_t", dict(data=str(data), img_size=32, batch_size=8, epochs=1, warmup_epochs=0,
                                     workers=0, output=str(tmp_path / "run")))
     result = train(cfg)
     assert (result.output / "model.safetensors").is_file()
@@ -210,12 +229,11 @@ def test_two_process_ddp_training(tmp_path):
     assert "2 process(es)" in done.stderr
     assert (run / "last.pth").is_file() and (run / "model.safetensors").is_file()
     assert len(_rows(run)) == 1
-    assert torch.load(run / "last.pth", weights_only=True)["world_size"] == 2
+    last = read_run_checkpoint(run / "last.pth")
+    assert last.world_size == 2 and len(last.ranks) == 2
+    assert not torch.equal(last.ranks[0]["rng"]["torch"], last.ranks[1]["rng"]["torch"])  # each rank its own state
 
 
 def test_sharded_evaluation_sees_each_image_once():
-    from rmt.engine.distributed import DistInfo
-    from rmt.engine.evaluate import ShardSampler
-
     shards = [list(ShardSampler(61, DistInfo(rank, 2, rank))) for rank in range(2)]
     assert sorted(shards[0] + shards[1]) == list(range(61))

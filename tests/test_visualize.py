@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from conftest import write_run_checkpoint
 from golden import TINY_ARGS
 from rmt.cli import main
 from rmt.models import RMT
@@ -34,12 +35,12 @@ def tiny():
 def run_checkpoint(tmp_path_factory):
     """An `rmt train`-style checkpoint of rmt_t at 64 px with its class names."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("run") / "best.pth"
     config = {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
-                  "std": [0.229, 0.224, 0.225], "crop_pct": 1.0}
-    torch.save({"model": timm.create_model("rmt_t", num_classes=2).state_dict(), "model_name": "rmt_t",
-                    "class_names": ["cat", "astronaut"], "data_config": config}, path)
-    return path
+              "std": [0.229, 0.224, 0.225], "crop_pct": 1.0}
+    meta = dict(task="classification", model="rmt_t", class_names=["cat", "astronaut"], num_classes=2,
+                token_label=False, data_config=config)
+    return write_run_checkpoint(tmp_path_factory.mktemp("run") / "best.pth",
+                                timm.create_model("rmt_t", num_classes=2), meta)
 
 
 @pytest.fixture(scope="module")

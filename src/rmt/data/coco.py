@@ -105,7 +105,8 @@ class CocoDetection(Dataset):
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        target = dict(boxes=boxes, labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+        labels = torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64)
+        target = dict(boxes=boxes, labels=labels,
                       image_id=torch.tensor(image_id), area=torch.tensor([float(a.get("area", 0)) for a in anns]),
                       iscrowd=torch.zeros(len(anns), dtype=torch.int64))
         if self.masks:

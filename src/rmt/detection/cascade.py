@@ -119,7 +119,8 @@ class CascadeRoIHeads(RoIHeads):
             loss_box = 10.0 * generalized_box_iou_loss(pred, gt[pos], reduction="sum") / max(labels_all.numel(), 1)
         else:
             reg_targets = self.box_coders[stage].encode_single(gt[pos], rois[pos])
-            loss_box = F.smooth_l1_loss(deltas[pos], reg_targets, beta=1 / 9, reduction="sum") / max(labels_all.numel(), 1)
+            loss_box = F.smooth_l1_loss(deltas[pos], reg_targets, beta=1 / 9, reduction="sum")
+            loss_box = loss_box / max(labels_all.numel(), 1)
         return loss_cls, loss_box
 
     # ------------------------------------------------------------------------------ stages

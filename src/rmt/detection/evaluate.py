@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.coco import CocoDetection, collate_detection
-from ..engine.distributed import DistInfo
-from ..engine.evaluate import ShardSampler, autocast_context
+from ..training.distributed import DistInfo, ShardSampler, all_gather_objects
+from ..training.precision import autocast
+from ..training.run import progress_bar
 from .models import has_masks
 
 __all__ = ["evaluate", "coco_results", "coco_metrics", "STAT_NAMES"]
@@ -88,12 +89,7 @@ def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, inf
 
     Also returns ``images`` (how many were evaluated) and ``detections``.
     """
-    import torch.distributed as dist
-
     info = info if info is not None else DistInfo()
-
-    from ..dense.engine import progress_bar
-
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info),
@@ -101,15 +97,14 @@ def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, inf
     results: List[Dict[str, Any]] = []
     image_ids: List[int] = []
     for images, targets in progress_bar(loader, progress and info.is_main, desc="eval"):
-        with autocast_context(device, amp_dtype):
+        with autocast(device, amp_dtype):
             outputs = model([im.to(device) for im in images])
         ids = [int(t["image_id"]) for t in targets]
         results += coco_results(outputs, ids, dataset.category_ids)
         image_ids += ids
     model.train(was_training)
     if info.distributed:
-        gathered: List = [None] * info.world_size
-        dist.all_gather_object(gathered, (results, image_ids))
+        gathered = all_gather_objects((results, image_ids), info)
         results = [r for part in gathered for r in part[0]]
         image_ids = [i for part in gathered for i in part[1]]
     iou_types = ["bbox", "segm"] if has_masks(model) else ["bbox"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,13 +33,15 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from ..models.backbone import RMTBackbone
 from ..errors import RMTError, did_you_mean
+from ..models.backbone import RMTBackbone
+from ..models.weights import read_weights
+from ..training.config import config_from_dict
 from .cascade import AgnosticBoxPredictor, CascadeRoIHeads
+from .config import ARCHS, DetConfig
 
-__all__ = ["ARCHS", "build_detector", "RMTWithFPN", "BackgroundFreeRetinaNet", "has_masks", "detector_kwargs", "detector_from_checkpoint"]
-
-ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet", "cascade_mask_rcnn")
+__all__ = ["ARCHS", "build_detector", "RMTWithFPN", "BackgroundFreeRetinaNet", "has_masks", "detector_kwargs",
+           "detector_from_checkpoint"]
 
 
 class RMTWithFPN(nn.Module):
@@ -63,7 +65,8 @@ class BackgroundFreeRetinaNet(RetinaNet):
     """
 
     def postprocess_detections(self, head_outputs, anchors, image_sizes):
-        logits = [c.index_fill(-1, torch.tensor([0], device=c.device), float("-inf")) for c in head_outputs["cls_logits"]]
+        logits = [c.index_fill(-1, torch.tensor([0], device=c.device), float("-inf"))
+                  for c in head_outputs["cls_logits"]]
         return super().postprocess_detections(dict(head_outputs, cls_logits=logits), anchors, image_sizes)
 
 
@@ -105,7 +108,8 @@ def _checked_kwargs(cls, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_detector(arch: str, backbone: str = "rmt_t", num_classes: int = 80,
-                   backbone_weights: Optional[str | os.PathLike] = None, anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+                   backbone_weights: Optional[str | os.PathLike] = None,
+                   anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
                    box_head: Optional[str] = "auto", box_loss: str = "smooth_l1", neck_channels: int = 256,
                    backbone_kwargs: Optional[Dict[str, Any]] = None, **detector_kwargs) -> nn.Module:
     """A torchvision detector with an RMT backbone (see the module docstring).
@@ -123,7 +127,7 @@ def build_detector(arch: str, backbone: str = "rmt_t", num_classes: int = 80,
         neck_channels: FPN width (256 in the reference); the RoI heads follow it (box-head FCs
             ``4 * neck_channels`` wide, mask-head and conv box-head convs ``neck_channels``). Smaller
             values make CPU demos affordable.
-        backbone_kwargs: :class:`rmt.dense.RMTBackbone` options (``frozen_stages``, ``norm_eval``,
+        backbone_kwargs: :class:`rmt.models.RMTBackbone` options (``frozen_stages``, ``norm_eval``,
             ``drop_path_rate``, ``decomposed``, ``grad_checkpointing``).
         detector_kwargs: torchvision options (``min_size``, ``max_size``, ``box_score_thresh``,
             ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ...; for RetinaNet
@@ -171,14 +175,15 @@ def build_detector(arch: str, backbone: str = "rmt_t", num_classes: int = 80,
     heads = [_box_head(box_head, width) for _ in range(3)]
     model.roi_heads = CascadeRoIHeads(
         rh.box_roi_pool, heads, [AgnosticBoxPredictor(4 * width, classes) for _ in heads], box_loss=box_loss,
-        batch_size_per_image=rh.fg_bg_sampler.batch_size_per_image, positive_fraction=rh.fg_bg_sampler.positive_fraction,
+        batch_size_per_image=rh.fg_bg_sampler.batch_size_per_image,
+        positive_fraction=rh.fg_bg_sampler.positive_fraction,
         score_thresh=rh.score_thresh, nms_thresh=rh.nms_thresh, detections_per_img=rh.detections_per_img,
         mask_roi_pool=rh.mask_roi_pool, mask_head=rh.mask_head, mask_predictor=rh.mask_predictor)
     return model
 
 
 def detector_kwargs(cfg) -> Dict[str, Any]:
-    """:func:`build_detector` keyword arguments from a :class:`rmt.dense.config.DetConfig` (without
+    """:func:`build_detector` keyword arguments from a :class:`rmt.detection.config.DetConfig` (without
     ``num_classes`` and weights)."""
     kwargs: Dict[str, Any] = dict(
         backbone=cfg.backbone, anchor_sizes=tuple(cfg.anchor_sizes), min_size=tuple(cfg.min_size),
@@ -195,14 +200,12 @@ def detector_kwargs(cfg) -> Dict[str, Any]:
     return kwargs
 
 
-def detector_from_checkpoint(path: str | os.PathLike):
-    """``(model in eval mode, DetConfig, class names)`` from a detection run's ``last.pth``/``best.pth``
-    or ``model.safetensors``."""
-    from ..dense.config import DetConfig, config_from_dict
-    from ..dense.engine import read_dense_checkpoint
-
-    state, config, class_names = read_dense_checkpoint(path, "det")
-    cfg = config_from_dict(DetConfig, config)
+def detector_from_checkpoint(path: str | os.PathLike) -> Tuple[nn.Module, DetConfig, List[str]]:
+    """``(model in eval mode, DetConfig, class names)`` from a detection run's ``model.safetensors`` or
+    ``best.pth``/``last.pth``."""
+    state, meta = read_weights(path, task="detection")
+    cfg = config_from_dict(DetConfig, meta["config"])
+    class_names = list(meta["class_names"])
     model = build_detector(cfg.arch, num_classes=len(class_names), **detector_kwargs(cfg))
     model.load_state_dict(state)
     return model.eval(), cfg, class_names

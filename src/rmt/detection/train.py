@@ -1,86 +1,100 @@
-"""Detection training: ``train(cfg)`` is the whole job behind ``rmt det train``.
+"""Detection training (``rmt det train``): ``train(cfg)`` is the whole job, a plain epoch loop.
 
-The data are COCO-format (:class:`rmt.data.coco.CocoDetection`; the bundled shapes when
-``cfg.data`` is None), the model :func:`rmt.detection.build_detector`, the loop
-:class:`rmt.dense.engine.DenseTrainer` counted in epochs: linear warm-up, then the learning rate
-multiplied by ``lr_gamma`` after each epoch in ``lr_steps`` (1x: 12 epochs, steps at 8 and 11;
-3x: 36 epochs, steps at 27 and 33). Every ``eval_interval`` epochs: COCO box (and mask) AP on the
-validation split, a row of ``metrics.csv``, ``last.pth``, and ``best.pth`` by box AP.
+The data are COCO-format (:class:`rmt.data.coco.CocoDetection`; the bundled shapes when ``cfg.data``
+is None), the model :func:`rmt.detection.models.build_detector` (it returns its losses in train
+mode), AdamW with a linear warm-up, then the learning rate multiplied by ``lr_gamma`` after each
+epoch in ``lr_steps`` (1x: 12 epochs, steps at 8 and 11; 3x: 36 epochs, steps at 27 and 33). Every
+``eval_interval`` epochs: COCO box (and mask) AP on the validation split and a round of the run
+(``metrics.csv`` row, ``last.pth``, ``best.pth`` by box AP). The run directory, resume, the optimizer
+step and signals are :class:`rmt.training.run.TrainingRun`'s.
 """
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass
+from typing import List
 
-from torch import nn
+from timm.optim import create_optimizer_v2
+from torch.utils.data import Dataset
 
 from ..data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
-from ..dense.config import DetConfig
-from ..dense.engine import DenseData, DenseTrainer, DenseTrainResult, run_training
+from ..data.shapes import SPLITS, ensure_shapes
+from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
+from ..training.schedule import warmup_schedule
+from .config import DetConfig
 from .evaluate import evaluate
 from .models import build_detector, detector_kwargs
 
-__all__ = ["train", "DetTrainer", "detection_data", "METRIC_COLUMNS"]
+__all__ = ["train", "detection_data", "METRIC_COLUMNS"]
 
 METRIC_COLUMNS = ["epoch", "iteration", "train_loss", "lr", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
                   "segm_AP50", "segm_AP75", "seconds"]
+SPEC = RoundSpec(metric="bbox_AP", columns=METRIC_COLUMNS, plotted=("bbox_AP", "bbox_AP50", "segm_AP"),
+                 same_on_resume=("arch", "backbone"))
 
 
-def detection_data(cfg: DetConfig) -> DenseData:
+@dataclass
+class DetectionData:
+    name: str
+    train: Dataset
+    val: CocoDetection
+    class_names: List[str]
+
+
+def detection_data(cfg: DetConfig) -> DetectionData:
     """Training and validation sets of ``cfg`` (generating the shapes set when ``cfg.data`` is None)."""
-    from ..data.shapes import SPLITS, ensure_shapes
-
     root = ensure_shapes() if cfg.data is None else cfg.data
     train_split, val_split = SPLITS if cfg.data is None else (cfg.train_split, cfg.val_split)
     masks = cfg.arch in ("mask_rcnn", "cascade_mask_rcnn")
     train = CocoDetection(*coco_split_paths(root, train_split), transforms=detection_transforms(True, cfg.hflip),
                           masks=masks, skip_empty=True, max_samples=cfg.max_train_samples)
     val = CocoDetection(*coco_split_paths(root, val_split), masks=False, max_samples=cfg.max_val_samples)
-    return DenseData("shapes" if cfg.data is None else str(root), train, val, train.class_names,
-                     collate_detection, collate_detection)
+    return DetectionData("shapes" if cfg.data is None else str(root), train, val, train.class_names)
 
 
-class DetTrainer(DenseTrainer):
-    task = "det"
-    metric = "bbox_AP"
-    columns = METRIC_COLUMNS
-    find_unused_parameters = True  # e.g. the mask head when a batch has no positive RoI
+def train(cfg: DetConfig) -> RunResult:
+    """Train a detector as ``cfg`` says (one process, or DDP under torchrun); returns the main process's summary."""
+    output = default_output("det", cfg.arch, cfg.backbone, data=cfg.data, demo="shapes")
+    with TrainingRun(cfg, task="detection", spec=SPEC, default_output=output, command="rmt det train") as run:
+        data = detection_data(cfg)
+        model = build_detector(cfg.arch, num_classes=len(data.class_names), backbone_weights=cfg.backbone_weights,
+                               **detector_kwargs(cfg))
+        # e.g. the mask head is unused when a batch has no positive RoI
+        model, ddp = run.prepare_model(model, find_unused_parameters=True)
+        optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        workers = 0 if cfg.data is None else cfg.workers
+        loader = run.train_loader(data.train, collate_detection, workers)
+        updates_per_epoch = -(-len(loader) // cfg.accum_steps)
+        scheduler = warmup_schedule(
+            optimizer, lambda update: cfg.lr_gamma ** sum(update >= s * updates_per_epoch for s in cfg.lr_steps),
+            cfg.warmup_iters, cfg.warmup_ratio)
+        run.begin(model, optimizer, scheduler, meta=dict(model=cfg.backbone, class_names=data.class_names,
+                                                         num_classes=len(data.class_names)))
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        run.log(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, {len(data.class_names)} "
+                f"classes; {len(data.train)} train / {len(data.val)} val images ({data.name}); "
+                f"{run.info.world_size} process(es) on {run.device} in {run.precision}, {cfg.batch_size} images per "
+                f"process, {cfg.epochs} epochs of {updates_per_epoch} iterations; output {run.output}")
 
-    def build_data(self) -> DenseData:
-        return detection_data(self.cfg)
+        for epoch in run.epochs(cfg.epochs):
+            ddp.train()
+            for images, targets in run.batches(loader):
+                images = [im.to(run.device, non_blocking=True) for im in images]
+                targets = [{k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets]
+                with run.accumulate(ddp):
+                    with run.autocast():
+                        losses = ddp(images, targets)
+                    run.backward(sum(losses.values()), count=len(images))
+            if (epoch + 1) % cfg.eval_interval and epoch + 1 < cfg.epochs:
+                continue
+            metrics = evaluate(model, data.val, run.device, run.info, run.amp_dtype, batch_size=cfg.eval_batch_size,
+                               workers=workers)
 
-    def build_model(self, num_classes: int) -> nn.Module:
-        return build_detector(self.cfg.arch, num_classes=num_classes, backbone_weights=self.cfg.backbone_weights,
-                              **detector_kwargs(self.cfg))
+            def describe(row) -> str:
+                text = (f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f}, box AP "
+                        f"{row['bbox_AP']:.3f} / AP50 {row['bbox_AP50']:.3f}")
+                if "segm_AP" in row:
+                    text += f", mask AP {row['segm_AP']:.3f} / AP50 {row['segm_AP50']:.3f}"
+                return text + f", {row['seconds']:.0f}s"
 
-    def to_device(self, batch):
-        images, targets = batch
-        images = [im.to(self.device, non_blocking=True) for im in images]
-        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
-        return images, targets
-
-    def total_iters(self) -> int:
-        return self.cfg.epochs * self.iters_per_epoch
-
-    def eval_iters(self) -> int:
-        return self.cfg.eval_interval * self.iters_per_epoch
-
-    def decay(self, iteration: int) -> float:
-        passed = sum(iteration >= step * self.iters_per_epoch for step in self.cfg.lr_steps)
-        return self.cfg.lr_gamma ** passed
-
-    def evaluate_model(self) -> Dict[str, float]:
-        result = evaluate(self.model, self.data.val, self.device, self.info, self.amp_dtype,
-                          batch_size=self.cfg.eval_batch_size, workers=self._workers())
-        return {k: v for k, v in result.items() if k in self.columns}
-
-    def describe_row(self, row) -> str:
-        text = (f"epoch {row['epoch']}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, box AP "
-                f"{row['bbox_AP']:.3f} / AP50 {row['bbox_AP50']:.3f}")
-        if "segm_AP" in row:
-            text += f", mask AP {row['segm_AP']:.3f} / AP50 {row['segm_AP50']:.3f}"
-        return text + f", {row['seconds']:.0f}s"
-
-
-def train(cfg: DetConfig) -> DenseTrainResult:
-    """Train a detector as ``cfg`` says (one process, or DDP under torchrun); returns rank 0's summary."""
-    return run_training(DetTrainer, cfg)
+            run.end_round({k: v for k, v in metrics.items() if k in METRIC_COLUMNS}, describe)
+        return run.finish()

@@ -5,20 +5,18 @@ names with suggestions, class counts read off the checkpoint, and one-line error
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import timm
-import torch
 from torch import nn
 
 from ..errors import RMTError, did_you_mean
 from .rmt import MODEL_ARGS, checkpoint_filter_fn, default_cfgs, guess_variant
 from .weights import (
     CheckpointMismatchError,
-    read_checkpoint,
+    open_checkpoint,
     read_metadata,
     read_state_dict,
     save_weights,
@@ -48,30 +46,22 @@ def split_name(name: str) -> Tuple[str, Optional[str]]:
 
 
 def checkpoint_info(path: str | os.PathLike) -> Dict[str, Any]:
-    """What a checkpoint says about its model without building one: ``num_classes``, ``token_label``,
-    and, for the files this package writes, ``model``, ``class_names`` and ``data_config``."""
+    """What a weights file says about its model without building one: ``num_classes``,
+    ``token_label`` and ``model`` (read off the weights when the file does not say, as for official
+    checkpoints and other tools' files; ``model`` is then the variant whose widths and depths fit,
+    if any), and, for the files this package writes, ``class_names``, ``data_config``, ... (see
+    :data:`rmt.models.weights.METADATA_KEYS`)."""
     path = Path(path)
-    info = dict(read_metadata(path))
-    if "num_classes" not in info or "token_label" not in info:
-        raw = read_checkpoint(path) if path.suffix == ".safetensors" else _mmap_checkpoint(path)
-        if isinstance(raw, dict):  # run checkpoints (last.pth / best.pth) carry these next to the weights
-            for key, name in (("model_name", "model"), ("class_names", "class_names"), ("data_config", "data_config")):
-                if raw.get(key) is not None:
-                    info.setdefault(name, raw[key])
-        state_dict = unwrap_state_dict(raw)
+    info = read_metadata(path)
+    if not {"num_classes", "token_label", "model"} <= set(info):
+        state_dict = unwrap_state_dict(open_checkpoint(path))
         head = state_dict.get("head.weight")
         info.setdefault("num_classes", int(head.shape[0]) if head is not None else 0)
         info.setdefault("token_label", "aux_head.weight" in state_dict)
+        variant = guess_variant(state_dict)
+        if variant is not None:
+            info.setdefault("model", variant.removesuffix("_tl"))
     return info
-
-
-def _mmap_checkpoint(path: Path) -> Any:
-    """Open a torch checkpoint without reading its tensors (falls back to a full read)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return read_checkpoint(path)
 
 
 def create_model(

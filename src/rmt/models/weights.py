@@ -24,9 +24,27 @@ from safetensors.torch import load_file, save_file
 from ..errors import RMTError
 
 __all__ = [
-    "CheckpointError", "read_checkpoint", "read_state_dict", "unwrap_state_dict", "save_weights",
-    "read_metadata", "load_matching_weights", "CheckpointMismatchError", "remap_official_keys", "infer_arch",
+    "CheckpointError", "CheckpointMismatchError", "read_checkpoint", "open_checkpoint", "read_state_dict",
+    "unwrap_state_dict", "read_metadata", "read_weights", "save_weights", "load_matching_weights",
+    "remap_official_keys", "infer_arch", "METADATA_KEYS", "META_KEY",
 ]
+
+METADATA_KEYS = {
+    "task": "classification, detection or segmentation",
+    "model": "the RMT variant (the backbone's, for dense tasks)",
+    "num_classes": "outputs of the classifier",
+    "class_names": "one name per class",
+    "token_label": "whether the model has the token-labelling head",
+    "data_config": "how images are prepared: input_size, mean, std, interpolation, crop_pct (classification)",
+    "config": "the resolved training config of the run that wrote the file",
+    "metrics": "the evaluation the weights were saved at (epoch/iteration and metric values)",
+    "source": "the file a converted checkpoint came from",
+}
+"""The metadata our weight files carry, as JSON values: in a ``.safetensors`` file's metadata, and in a
+run checkpoint under :data:`META_KEY`. Files that lack a key do not know it."""
+
+META_KEY = "meta"
+"""The entry of a torch checkpoint dict of ours that holds the same metadata (run checkpoints)."""
 
 WEIGHT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 """Where a checkpoint dict may keep its weights, in order of preference (EMA weights last: the
@@ -53,6 +71,8 @@ def _unreadable_reason(e: Exception) -> str:
         return "the file is empty or truncated"
     if "failed finding central directory" in text or "not a ZIP archive" in text or "PytorchStreamReader" in text:
         return "the file is truncated or corrupt (not a complete torch checkpoint archive)"
+    if "HeaderTooLarge" in text or "header" in text.lower():
+        return "not a valid safetensors file (bad header: truncated, corrupt, or another format)"
     if "Weights only load failed" in text or "weights_only" in text:
         return ("not a weights-only torch checkpoint: it is not a checkpoint, or it stores objects other than "
                 "tensors and plain data")
@@ -64,7 +84,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     """Load a checkpoint file safely: safetensors, or a ``torch.save`` file with ``weights_only=True``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
@@ -102,14 +122,74 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> Dict[str,
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
-    """The metadata of one of our safetensors files (``model``, ``class_names``, ...); {} otherwise."""
+def open_checkpoint(path: str | os.PathLike) -> Any:
+    """:func:`read_checkpoint`, but a torch file's tensors are memory-mapped rather than read (for
+    looking at a few entries of a large file)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        return {}
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    return {k: json.loads(v) for k, v in raw.items()}
+    if path.suffix != ".safetensors" and path.is_file():
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not mappable (an old, non-zip file): read_checkpoint reports or reads it
+            pass
+    return read_checkpoint(path)
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:  # metadata written by another tool ({"format": "pt"}): plain strings
+        return value
+
+
+_LEGACY_TASKS = {"det": "detection", "seg": "segmentation"}
+
+
+def _upgrade_metadata(meta: Dict[str, Any], raw: Any = None) -> Dict[str, Any]:
+    """Metadata of files written by earlier versions, in today's keys."""
+    meta = dict(meta)
+    if isinstance(raw, dict) and not meta:  # an earlier run checkpoint: the entries sat beside the weights
+        for old, new in (("model_name", "model"), ("class_names", "class_names"), ("data_config", "data_config"),
+                         ("token_label", "token_label"), ("task", "task"), ("config", "config")):
+            if raw.get(old) is not None and not isinstance(raw.get(old), torch.Tensor):
+                meta[new] = raw[old]
+    if meta.get("task") in _LEGACY_TASKS:
+        meta["task"] = _LEGACY_TASKS[meta["task"]]
+    if "task" not in meta and "model" in meta:
+        meta["task"] = "classification"
+    if "model" not in meta and isinstance(meta.get("config"), dict) and "backbone" in meta["config"]:
+        meta["model"] = meta["config"]["backbone"]
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
+    """What one of our weight files says about its model (see :data:`METADATA_KEYS`): the metadata of a
+    ``.safetensors`` file, or the ``meta`` entry of a run checkpoint (``last.pth``/``best.pth``).
+    ``{}`` for files that carry none (official checkpoints, other tools' files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+        except Exception as e:  # not a safetensors file, truncated, ...
+            raise CheckpointError(f"cannot read {path} as a checkpoint: {_unreadable_reason(e)}") from None
+        return _upgrade_metadata({k: _json_or_text(v) for k, v in raw.items()})
+    raw = open_checkpoint(path)
+    meta = raw.get(META_KEY) if isinstance(raw, dict) and isinstance(raw.get(META_KEY), dict) else {}
+    return _upgrade_metadata(meta, raw)
+
+
+def read_weights(path: str | os.PathLike, task: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(state_dict, metadata)`` of one of our weight files (``model.safetensors``, or a run's
+    ``last.pth``/``best.pth``), checking with ``task`` that it is one of that task's and that it
+    carries the config and class names needed to rebuild its model."""
+    meta = read_metadata(path)
+    if task is not None and (meta.get("task") != task or "config" not in meta or "class_names" not in meta):
+        found = f"a {meta['task']} checkpoint" if meta.get("task") else "not a checkpoint written by an rmt run"
+        raise CheckpointError(f"{path}: {found}; expected a {task} run's model.safetensors, best.pth or last.pth")
+    return read_state_dict(path), meta
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: Optional[Dict[str, Any]] = None) -> Path:

@@ -1,19 +1,7 @@
-"""Semantic segmentation with RMT backbones (UperNet, Semantic FPN).
+"""Semantic segmentation with RMT backbones (UperNet, Semantic FPN): the config, the models, training
+(``rmt seg train``), evaluation and prediction."""
+from .config import SegConfig
+from .models import ARCHS, build_segmentor, segmentor_from_checkpoint, slide_inference
+from .train import train
 
-``build_segmentor`` and friends load on first use (see :mod:`rmt.detection`); the jobs are in the
-submodules ``train``, ``evaluate`` and ``predict``.
-"""
-from typing import Any
-
-__all__ = ["build_segmentor", "segmentor_from_checkpoint", "slide_inference", "ARCHS"]
-
-_WHERE = dict(build_segmentor="models", segmentor_from_checkpoint="models", slide_inference="models",
-              ARCHS="models")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["SegConfig", "ARCHS", "build_segmentor", "segmentor_from_checkpoint", "slide_inference", "train"]

@@ -1,27 +1,27 @@
-"""`rmt seg train|eval|predict`: semantic segmentation (registered by rmt.cli)."""
+"""``rmt seg train|eval|predict``: semantic segmentation (added to the command by rmt.cli)."""
 from __future__ import annotations
 
-import sys
+from ..cliutils import non_negative_int, positive_int, print_json, print_results, probability
+from ..training.config import add_config_flags, config_from_flags
+from .config import SegConfig
+from .predict import evaluate_checkpoint, predict
+from .train import train
 
-from ..dense.cli import add_subcommand, add_task_parser, add_train_command, print_json
+__all__ = ["add_commands"]
 
 
-def _train(cfg) -> int:
-    from .train import train
-
+def _cmd_train(args) -> int:
+    cfg = config_from_flags(SegConfig, args, demo="shapes")
     result = train(cfg)
-    if result.stopped_early or not result.final:
-        return 0
-    f = result.final
-    print(f"done: {cfg.arch} with {cfg.backbone} on {'the bundled shapes' if cfg.data is None else cfg.data}, "
-          f"{cfg.max_iters} iterations; mIoU {f['mIoU']:.2f}%, mAcc {f['mAcc']:.2f}%, aAcc {f['aAcc']:.2f}% "
-          f"(best mIoU {result.best_value:.2f}% at iteration {result.best_iteration}). Run: {result.output}")
+    if result.final:
+        f = result.final
+        print(f"done: {cfg.arch} with {cfg.backbone} on {'the bundled shapes' if cfg.data is None else cfg.data}, "
+              f"{cfg.max_iters} iterations; mIoU {f['mIoU']:.2f}%, mAcc {f['mAcc']:.2f}%, aAcc {f['aAcc']:.2f}% "
+              f"(best mIoU {result.best_value:.2f}% at iteration {result.best_at}). Run: {result.output}")
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from .predict import evaluate_checkpoint
-
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, device=args.device,
                                  mode=args.mode, workers=args.workers, max_samples=args.max_samples,
                                  progress=not args.json)
@@ -29,64 +29,68 @@ def _cmd_eval(args) -> int:
         print_json(result)
         return 0
     print(f"{result['arch']} ({args.checkpoint}) on {result['data']}/{result['split']}, {result['images']} images: "
-          f"mIoU {result['mIoU']:.2f}%, mAcc {result['mAcc']:.2f}%, aAcc {result['aAcc']:.2f}%")
+          f"mIoU {result['mIoU']:.2f}%, mAcc {result['mAcc']:.2f}%, aAcc {result['aAcc']:.2f}% ({result['precision']})")
     if args.per_class:
         for name, iou in result["IoU"].items():
             acc = result["Acc"][name]
-            print(f"  {name:20s} IoU {'-' if iou is None else f'{iou:6.2f}'}  Acc {'-' if acc is None else f'{acc:6.2f}'}")
+            iou_text, acc_text = ("-" if v is None else f"{v:6.2f}" for v in (iou, acc))
+            print(f"  {name:20s} IoU {iou_text}  Acc {acc_text}")
     return 0
+
+
+def _describe(result) -> str:
+    classes = ", ".join(f"{c['label']} {c['fraction']:.0%}" for c in result["classes"][:6])
+    return f"{result['path']}: {classes}" + (f" -> {result['output']}" if result["output"] else "")
 
 
 def _cmd_predict(args) -> int:
-    from .predict import predict
-
     results = predict(args.checkpoint, args.images, output=args.output, device=args.device, mode=args.mode,
                       alpha=args.alpha, draw=not args.no_draw)
-    for r in results:
-        if args.json:
-            print_json(r)
-            continue
-        classes = ", ".join(f"{name} {share:.0%}" for name, share in list(r["classes"].items())[:6])
-        print(f"{r['image']}: {classes}" + (f" -> {r['output']}" if r["output"] else ""))
-    sys.stdout.flush()
-    return 0
+    return print_results(results, "rmt seg predict", args.json, _describe)
 
 
 def add_commands(subparsers) -> None:
     """``rmt seg`` with ``train``, ``eval`` and ``predict``."""
-    from ..dense.config import SegConfig
-
-    tasks = add_task_parser(
-        subparsers, "seg", help="semantic segmentation (UperNet, Semantic FPN)",
+    parser = subparsers.add_parser(
+        "seg", help="semantic segmentation (UperNet, Semantic FPN)",
         description="Semantic segmentation with an RMT backbone and a UperNet or Semantic FPN head: train on "
                     "ADE20K-layout data, mIoU / mAcc / aAcc, colour-coded pictures of predictions.")
-    add_train_command(
-        tasks, SegConfig, "shapes", _train, help="train a segmentor (default: UperNet, RMT-T, bundled shapes)",
-        description="Train a segmentor. Configs: seg_shapes (the CPU demo, default), seg_upernet_160k, "
-                    "seg_semantic_fpn_80k (configs/seg_*.yaml). Under torchrun, trains with DDP. --resume auto "
-                    "continues OUTPUT/last.pth.")
+    tasks = parser.add_subparsers(dest="seg_command", metavar="COMMAND")
+    tasks.required = True
+
+    p = tasks.add_parser(
+        "train", help="train a segmentor (default: UperNet, RMT-T, bundled shapes)",
+        description="Train a segmentor. Configs: shapes (the CPU demo, default), upernet_160k, semantic_fpn_80k "
+                    "(configs/segmentation/*.yaml). Under torchrun, trains with DDP. --resume auto continues "
+                    "OUTPUT/last.pth. Exit status as for rmt train.")
+    p.add_argument("--config", default=None, help="YAML config: a path or a bundled name (default: shapes)")
+    add_config_flags(p, SegConfig)
+    p.set_defaults(func=_cmd_train)
 
     modes = ["whole", "slide"]
-    p = add_subcommand(tasks, "eval", help="mIoU / mAcc / aAcc of a trained segmentor")
-    p.add_argument("--checkpoint", required=True, help="a segmentation run's best.pth, last.pth or model.safetensors")
+    p = tasks.add_parser("eval", help="mIoU / mAcc / aAcc of a trained segmentor")
+    p.add_argument("--checkpoint", required=True, help="a segmentation run's model.safetensors, best.pth or last.pth")
     p.add_argument("--data", default=None, help="ADE20K-layout root (default: the run's data)")
     p.add_argument("--split", default=None, help="split (default: the run's val_split)")
     p.add_argument("--mode", choices=modes, default=None, help="inference mode (default: the run's test_mode)")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--workers", type=non_negative_int, default=0)
+    p.add_argument("--max-samples", type=positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--device", default="auto")
     p.add_argument("--per-class", action="store_true", help="also print each class's IoU and accuracy")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval)
 
-    p = add_subcommand(tasks, "predict", help="segment images; write colour-coded PNGs")
+    p = tasks.add_parser("predict", help="segment images; write colour-coded PNGs",
+                         description="Segment images. Unreadable images are reported on stderr and skipped; the "
+                                     "exit status is 1 when any was.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="a segmentation run's best.pth, last.pth or model.safetensors")
+    p.add_argument("--checkpoint", required=True, help="a segmentation run's model.safetensors, best.pth or last.pth")
     p.add_argument("--output", default=None,
                    help="folder for <stem>_seg.png (default: predictions/), or a .png name for one image")
     p.add_argument("--mode", choices=modes, default=None, help="inference mode (default: the run's test_mode)")
-    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours")
+    p.add_argument("--alpha", type=probability, default=0.5, help="opacity of the class colours")
     p.add_argument("--no-draw", action="store_true", help="only print the class shares")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--json", action="store_true", help='one JSON object per image: {"path", "output", "classes": '
+                                                        '[{"label", "index", "fraction"}]}, or {"path", "error"}')
     p.set_defaults(func=_cmd_predict)

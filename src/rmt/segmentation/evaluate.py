@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.ade20k import IGNORE_INDEX
-from ..engine.distributed import DistInfo, all_reduce_sum
-from ..engine.evaluate import ShardSampler, autocast_context
+from ..training.distributed import DistInfo, ShardSampler, all_reduce_sum
+from ..training.precision import autocast
+from ..training.run import progress_bar
 
 __all__ = ["confusion_matrix", "segmentation_metrics", "evaluate"]
 
@@ -32,7 +33,7 @@ def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     if keep.any() and (label[keep].max() >= num_classes or label[keep].min() < 0):
         raise ValueError(f"labels outside 0..{num_classes - 1} (other than {ignore_index})")
     index = label[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes).cpu()
+    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
 def segmentation_metrics(cm: torch.Tensor, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -59,28 +60,27 @@ def _collate_one_by_one(batch):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch.device, info: Optional[DistInfo] = None,
-             amp_dtype: Optional[torch.dtype] = None, mode: str = "whole", crop_size: Optional[Sequence[int]] = None,
+def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch.device,
+             info: Optional[DistInfo] = None, amp_dtype: Optional[torch.dtype] = None, mode: str = "whole",
+             crop_size: Optional[Sequence[int]] = None,
              stride: Optional[Sequence[int]] = None, workers: int = 0, progress: bool = True,
              class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """mIoU, mAcc, aAcc (percent) and per-class IoU/Acc of ``model`` over ``dataset``, whose items are
     ``(image (3, h, w) normalised, label (H, W))``; the logits are resized to the label's size.
-    With several processes each evaluates its shard and the confusion matrices are summed."""
-    from ..dense.engine import progress_bar
-
+    With several processes each evaluates its shard and the confusion matrices are summed. The matrix
+    stays on the device until the end."""
     info = info if info is not None else DistInfo()
-
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), info), num_workers=workers,
                         collate_fn=_collate_one_by_one)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for batch in progress_bar(loader, progress and info.is_main, desc="eval"):
         for image, label in batch:
-            with autocast_context(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = model.inference(image[None].to(device), mode=mode, crop_size=crop_size, stride=stride,
                                          output_size=label.shape[-2:])
-            cm += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
+            cm += confusion_matrix(logits.argmax(1)[0], label.to(device), num_classes)
     model.train(was_training)
-    total = all_reduce_sum(cm.to(device if info.distributed and device.type == "cuda" else "cpu"), info).cpu()
+    total = all_reduce_sum(cm, info)
     return dict(segmentation_metrics(total, class_names), images=len(dataset))

@@ -12,20 +12,23 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
 
 from ..data.ade20k import IGNORE_INDEX
-from ..models.backbone import RMTBackbone
 from ..errors import RMTError, did_you_mean
+from ..models.backbone import RMTBackbone
+from ..models.weights import read_weights
+from ..training.config import config_from_dict
+from .config import ARCHS, SegConfig
 from .heads import FCNHead, SemanticFPNHead, UPerHead, upsample
 
 __all__ = ["Segmentor", "build_segmentor", "ARCHS", "slide_inference", "segmentor_kwargs", "segmentor_from_checkpoint"]
 
-ARCHS = ("upernet", "semantic_fpn")
 
 
 class Segmentor(nn.Module):
@@ -133,7 +136,7 @@ def build_segmentor(arch: str, backbone: str = "rmt_t", num_classes: int = 150,
             ``model.backbone.load_report``).
         channels: decode-head width (default: the architecture's).
         aux_weight: auxiliary loss weight (UperNet; 0 builds no auxiliary head).
-        backbone_kwargs: :class:`rmt.dense.RMTBackbone` options (``frozen_stages``, ``norm_eval``,
+        backbone_kwargs: :class:`rmt.models.RMTBackbone` options (``frozen_stages``, ``norm_eval``,
             ``drop_path_rate``, ``decomposed``, ``grad_checkpointing``).
     """
     if arch not in ARCHS:
@@ -145,15 +148,13 @@ def build_segmentor(arch: str, backbone: str = "rmt_t", num_classes: int = 150,
         head = UPerHead(body.out_channels, num_classes, channels or 512, dropout=dropout)
         aux = FCNHead(body.out_channels[2], num_classes, 256, dropout=dropout) if aux_weight > 0 else None
         return Segmentor(body, head, aux_head=aux, aux_index=2, aux_weight=aux_weight)
-    from torchvision.ops import FeaturePyramidNetwork
-
     neck = FeaturePyramidNetwork(body.out_channels, 256)
     head = SemanticFPNHead(256, body.strides, num_classes, channels or 128, dropout=dropout)
     return Segmentor(body, head, neck=neck, aux_weight=0.0)
 
 
 def segmentor_kwargs(cfg) -> Tuple[str, Dict]:
-    """``(arch, kwargs)`` for :func:`build_segmentor` from a :class:`rmt.dense.config.SegConfig`
+    """``(arch, kwargs)`` for :func:`build_segmentor` from a :class:`rmt.segmentation.config.SegConfig`
     (without ``num_classes`` and weights)."""
     return cfg.arch, dict(backbone=cfg.backbone, channels=cfg.channels, aux_weight=cfg.aux_weight,
                           dropout=cfg.dropout, frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval,
@@ -161,14 +162,12 @@ def segmentor_kwargs(cfg) -> Tuple[str, Dict]:
                           grad_checkpointing=cfg.grad_checkpointing)
 
 
-def segmentor_from_checkpoint(path: str | os.PathLike):
-    """``(model in eval mode, SegConfig, class names)`` from a segmentation run's ``last.pth``/``best.pth``
-    or ``model.safetensors``."""
-    from ..dense.config import SegConfig, config_from_dict
-    from ..dense.engine import read_dense_checkpoint
-
-    state, config, class_names = read_dense_checkpoint(path, "seg")
-    cfg = config_from_dict(SegConfig, config)
+def segmentor_from_checkpoint(path: str | os.PathLike) -> Tuple[nn.Module, SegConfig, List[str]]:
+    """``(model in eval mode, SegConfig, class names)`` from a segmentation run's ``model.safetensors`` or
+    ``best.pth``/``last.pth``."""
+    state, meta = read_weights(path, task="segmentation")
+    cfg = config_from_dict(SegConfig, meta["config"])
+    class_names = list(meta["class_names"])
     arch, kwargs = segmentor_kwargs(cfg)
     model = build_segmentor(arch, num_classes=len(class_names), **kwargs)
     model.load_state_dict(state)

@@ -1,28 +1,43 @@
-"""Segmentation training: ``train(cfg)`` is the whole job behind ``rmt seg train``.
+"""Segmentation training (``rmt seg train``): ``train(cfg)`` is the whole job, a plain iteration loop.
 
-The data are an ADE20K-layout folder (:class:`rmt.data.ade20k.ADE20KDataset`; the bundled shapes
-when ``cfg.data`` is None), the model :func:`rmt.segmentation.build_segmentor`, the loop
-:class:`rmt.dense.engine.DenseTrainer` counted in iterations: linear warm-up, then poly decay
-(UperNet: power 1.0 over 160k iterations; Semantic FPN: power 0.9 over 80k). Every
-``eval_interval`` iterations: mIoU / mAcc / aAcc on the validation split, a row of
-``metrics.csv``, ``last.pth``, and ``best.pth`` by mIoU.
+The data are an ADE20K-layout folder (:class:`rmt.data.ade20k.ADE20KDataset`; the bundled shapes when
+``cfg.data`` is None), the model :func:`rmt.segmentation.models.build_segmentor` (it returns its
+losses in train mode), AdamW with a linear warm-up, then poly decay (UperNet: power 1.0 over 160k
+iterations; Semantic FPN: power 0.9 over 80k). Every ``eval_interval`` iterations: mIoU / mAcc /
+aAcc on the validation split and a round of the run (``metrics.csv`` row, ``last.pth``, ``best.pth``
+by mIoU). The run directory, resume, the optimizer step and signals are
+:class:`rmt.training.run.TrainingRun`'s.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
-from torch import nn
+from timm.optim import create_optimizer_v2
+from torch.utils.data import Dataset
 
 from ..data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_segmentation
-from ..dense.config import SegConfig
-from ..dense.engine import DenseData, DenseTrainer, DenseTrainResult, run_training
+from ..data.shapes import SPLITS, ensure_shapes
 from ..errors import RMTError
+from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
+from ..training.schedule import warmup_schedule
+from .config import SegConfig
 from .evaluate import evaluate
 from .models import build_segmentor, segmentor_kwargs
 
-__all__ = ["train", "SegTrainer", "segmentation_data", "class_names_for", "METRIC_COLUMNS"]
+__all__ = ["train", "segmentation_data", "class_names_for", "METRIC_COLUMNS"]
 
 METRIC_COLUMNS = ["iteration", "epoch", "train_loss", "lr", "mIoU", "mAcc", "aAcc", "seconds"]
+SPEC = RoundSpec(metric="mIoU", columns=METRIC_COLUMNS, plotted=("mIoU", "mAcc"), unit="iteration",
+                 same_on_resume=("arch", "backbone"))
+
+
+@dataclass
+class SegmentationData:
+    name: str
+    train: Dataset
+    val: ADE20KDataset
+    class_names: List[str]
 
 
 def class_names_for(found: Optional[List[str]], num_classes: Optional[int], where: str) -> List[str]:
@@ -34,10 +49,8 @@ def class_names_for(found: Optional[List[str]], num_classes: Optional[int], wher
     return [f"class_{i}" for i in range(num_classes or 150)]
 
 
-def segmentation_data(cfg: SegConfig) -> DenseData:
+def segmentation_data(cfg: SegConfig) -> SegmentationData:
     """Training and validation sets of ``cfg`` (generating the shapes set when ``cfg.data`` is None)."""
-    from ..data.shapes import SPLITS, ensure_shapes
-
     root = ensure_shapes() if cfg.data is None else cfg.data
     train_split, val_split = SPLITS if cfg.data is None else (cfg.train_split, cfg.val_split)
     train_tf = SegTrainTransform(cfg.scale, cfg.ratio_range, cfg.crop_size, cfg.cat_max_ratio, cfg.hflip,
@@ -45,47 +58,51 @@ def segmentation_data(cfg: SegConfig) -> DenseData:
     train = ADE20KDataset(root, train_split, train_tf, cfg.reduce_zero_label, cfg.max_train_samples)
     val = ADE20KDataset(root, val_split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, cfg.max_val_samples)
     names = class_names_for(train.class_names, cfg.num_classes, str(root))
-    return DenseData("shapes" if cfg.data is None else str(root), train, val, names, collate_segmentation, None)
+    return SegmentationData("shapes" if cfg.data is None else str(root), train, val, names)
 
 
-class SegTrainer(DenseTrainer):
-    task = "seg"
-    metric = "mIoU"
-    columns = METRIC_COLUMNS
+def train(cfg: SegConfig) -> RunResult:
+    """Train a segmentor as ``cfg`` says (one process, or DDP under torchrun); returns the main process's summary."""
+    output = default_output("seg", cfg.arch, cfg.backbone, data=cfg.data, demo="shapes")
+    with TrainingRun(cfg, task="segmentation", spec=SPEC, default_output=output, command="rmt seg train") as run:
+        data = segmentation_data(cfg)
+        arch, kwargs = segmentor_kwargs(cfg)
+        model = build_segmentor(arch, num_classes=len(data.class_names), backbone_weights=cfg.backbone_weights,
+                                **kwargs)
+        model, ddp = run.prepare_model(model)
+        optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        floor = cfg.min_lr / cfg.lr
+        scheduler = warmup_schedule(
+            optimizer, lambda update: (1 - floor) * (1 - update / cfg.max_iters) ** cfg.poly_power + floor,
+            cfg.warmup_iters, cfg.warmup_ratio)
+        workers = 0 if cfg.data is None else cfg.workers
+        loader = run.train_loader(data.train, collate_segmentation, workers)
+        run.begin(model, optimizer, scheduler, meta=dict(model=cfg.backbone, class_names=data.class_names,
+                                                         num_classes=len(data.class_names)))
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        run.log(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, {len(data.class_names)} "
+                f"classes; {len(data.train)} train / {len(data.val)} val images ({data.name}); "
+                f"{run.info.world_size} process(es) on {run.device} in {run.precision}, {cfg.batch_size} images per "
+                f"process, {cfg.max_iters} iterations; output {run.output}")
 
-    def build_data(self) -> DenseData:
-        return segmentation_data(self.cfg)
+        def describe(row) -> str:
+            return (f"iteration {row['iteration']}/{cfg.max_iters}: train loss {row['train_loss']:.4f}, mIoU "
+                    f"{row['mIoU']:.2f}%, mAcc {row['mAcc']:.2f}%, aAcc {row['aAcc']:.2f}%, {row['seconds']:.0f}s")
 
-    def build_model(self, num_classes: int) -> nn.Module:
-        arch, kwargs = segmentor_kwargs(self.cfg)
-        return build_segmentor(arch, num_classes=num_classes, backbone_weights=self.cfg.backbone_weights, **kwargs)
-
-    def to_device(self, batch):
-        images, labels = batch
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-    def total_iters(self) -> int:
-        return self.cfg.max_iters
-
-    def eval_iters(self) -> int:
-        return self.cfg.eval_interval
-
-    def decay(self, iteration: int) -> float:
-        floor = self.cfg.min_lr / self.cfg.lr
-        return (1 - floor) * (1 - iteration / self.max_iters) ** self.cfg.poly_power + floor
-
-    def evaluate_model(self) -> Dict[str, float]:
-        cfg = self.cfg
-        result = evaluate(self.model, self.data.val, len(self.class_names), self.device, self.info, self.amp_dtype,
-                          mode=cfg.test_mode, crop_size=cfg.crop_size, stride=cfg.slide_stride,
-                          workers=self._workers(), class_names=self.class_names)
-        return {k: result[k] for k in ("mIoU", "mAcc", "aAcc")}
-
-    def describe_row(self, row) -> str:
-        return (f"iteration {row['iteration']}/{self.max_iters}: train loss {row['train_loss']:.4f}, mIoU "
-                f"{row['mIoU']:.2f}%, mAcc {row['mAcc']:.2f}%, aAcc {row['aAcc']:.2f}%, {row['seconds']:.0f}s")
-
-
-def train(cfg: SegConfig) -> DenseTrainResult:
-    """Train a segmentor as ``cfg`` says (one process, or DDP under torchrun); returns rank 0's summary."""
-    return run_training(SegTrainer, cfg)
+        while run.iteration < cfg.max_iters:
+            ddp.train()
+            for images, labels in run.batches(loader):
+                images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+                with run.accumulate(ddp):
+                    with run.autocast():
+                        losses = ddp(images, labels)
+                    stepped = run.backward(sum(losses.values()), count=len(images))
+                if stepped and (run.iteration % cfg.eval_interval == 0 or run.iteration == cfg.max_iters):
+                    metrics = evaluate(model, data.val, len(data.class_names), run.device, run.info, run.amp_dtype,
+                                       mode=cfg.test_mode, crop_size=cfg.crop_size, stride=cfg.slide_stride,
+                                       workers=workers, class_names=data.class_names)
+                    run.end_round({k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}, describe)
+                    ddp.train()
+                if run.iteration >= cfg.max_iters:
+                    break
+        return run.finish()

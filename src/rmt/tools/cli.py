@@ -1,63 +1,15 @@
-"""`rmt` subcommands of rmt.tools (registered by rmt.cli): ``predict``, ``export``, ``visualize``.
+"""`rmt` subcommands of rmt.tools (registered by rmt.cli): ``export``, ``visualize``.
 
 Each command parses its flags, calls one function of :mod:`rmt.tools.predict`,
 :mod:`rmt.tools.export` or :mod:`rmt.tools.visualize`, and prints what it did.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 
 def _print_json(obj) -> None:
     print(json.dumps(obj), flush=True)
-
-
-# ------------------------------------------------------------------------------------ predict
-def _cmd_predict(args) -> int:
-    from .predict import iter_predictions, load_classifier
-
-    classifier = load_classifier(args.model, args.checkpoint, args.device)
-    failed = total = 0
-    for prediction in iter_predictions(classifier, args.inputs, topk=args.topk, batch_size=args.batch_size):
-        total += 1
-        if not prediction.ok:
-            failed += 1
-            print(f"rmt predict: skipped {prediction.path}: {prediction.error}", file=sys.stderr, flush=True)
-            if args.json:  # one object per image, so a reader of stdout sees the failures too
-                _print_json(prediction.to_dict())
-            continue
-        if args.json:
-            _print_json(prediction.to_dict())
-            continue
-        print(prediction.path)
-        for entry in prediction.topk:
-            print(f"  {entry['prob']:7.2%}  {entry['label']}  [{entry['index']}]")
-        sys.stdout.flush()
-    if failed:
-        print(f"rmt predict: {failed} of {total} image(s) could not be read", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _add_predict(sub) -> None:
-    p = sub.add_parser(
-        "predict", help="top-k classes of image files or folders",
-        description="Classify images with an RMT checkpoint: the top-k classes and their probabilities. "
-                    "Class names are the checkpoint's own (our run checkpoints), ImageNet-1k's for 1000-class "
-                    "models, else class_<i>. Unreadable files are reported on stderr and skipped; the exit "
-                    "status is 1 when any was.")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched recursively")
-    p.add_argument("--model", default=None, help="model name, e.g. rmt_s (default: the checkpoint's, for our files)")
-    p.add_argument("--checkpoint", required=True, help="official .pth, our .safetensors, or a run's best.pth")
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default: 5)")
-    p.add_argument("--json", action="store_true", help='one JSON object per image: {"path", "topk": '
-                                                        '[{"label", "index", "prob"}]}, plus "error" (and an '
-                                                        'empty topk) for a file that could not be read')
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.set_defaults(func=_cmd_predict)
 
 
 # ------------------------------------------------------------------------------------- export
@@ -150,8 +102,6 @@ def _add_visualize(sub) -> None:
                                    "`attention` (where one query point attends, per stage, on an image).")
     kinds = p.add_subparsers(dest="picture", metavar="PICTURE")
     kinds.required = True
-    # --debug is also accepted after the picture name (SUPPRESS: do not reset `rmt --debug visualize ...`)
-    debug = {"action": "store_true", "default": argparse.SUPPRESS, "help": "show tracebacks instead of one-line errors"}
 
     d = kinds.add_parser("decay", help="the spatial decay gamma_t^(|dr|+|dc|) of every head of every stage",
                          description="One panel per head, one row per stage: gamma_t ** (Manhattan distance to "
@@ -163,7 +113,6 @@ def _add_visualize(sub) -> None:
     d.add_argument("--grid", type=int, default=21, help="tokens per side around the centre (default: 21)")
     d.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default: 110)")
     d.add_argument("--json", action="store_true", help="print the per-head rates as one JSON object")
-    d.add_argument("--debug", **debug)
     d.set_defaults(func=_cmd_decay)
 
     a = kinds.add_parser("attention", help="the attention of a query point per stage, over an image",
@@ -182,12 +131,10 @@ def _add_visualize(sub) -> None:
     a.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     a.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default: 110)")
     a.add_argument("--json", action="store_true", help="print what was drawn as one JSON object")
-    a.add_argument("--debug", **debug)
     a.set_defaults(func=_cmd_attention)
 
 
 def add_commands(subparsers) -> None:
     """Add this package's subcommands to the `rmt` parser."""
-    _add_predict(subparsers)
     _add_export(subparsers)
     _add_visualize(subparsers)

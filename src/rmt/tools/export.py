@@ -229,7 +229,7 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise RMTError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    from .predict import load_classifier
+    from ..classification.predict import load_classifier
 
     classifier = load_classifier(model, checkpoint, device="cpu")
     net = classifier.model.float().eval()

@@ -28,6 +28,7 @@ gradient of a class logit with respect to it, rectified and scaled to ``[0, 1]``
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import textwrap
@@ -43,6 +44,7 @@ from torch import nn
 from ..data.image import BadImageError
 from ..errors import RMTError
 from ..models.masa import MaSA, MaSATables, _rotate
+from ..training.files import atomic_write_bytes
 
 __all__ = [
     "StageAttention",
@@ -95,6 +97,17 @@ def decay_summary(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+def _save(fig, output: str | os.PathLike, dpi: int) -> Path:
+    """Write the figure atomically, in the format its name says (PNG by default)."""
+    output = Path(output)
+    kind = output.suffix.lstrip(".").lower() or "png"
+    if kind not in fig.canvas.get_supported_filetypes():
+        raise RMTError(f"--output {output}: cannot write .{kind} pictures; use .png, .pdf, .svg or .jpg")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=kind)
+    return atomic_write_bytes(output, buffer.getvalue())
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -126,10 +139,7 @@ def plot_decay(model: nn.Module, output: str | os.PathLike, grid: tuple[int, int
     fig.colorbar(image, ax=axes, shrink=0.8, label="\u03b3$_t^{|\\Delta r|+|\\Delta c|}$")
     fig.suptitle(title or f"MaSA spatial decay around the centre token ({grid[0]}x{grid[1]} tokens), per head",
                  fontsize=11)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    return output
+    return _save(fig, output, dpi)
 
 
 # -------------------------------------------------------------------------------------- attention
@@ -329,7 +339,8 @@ def plot_attention(classifier, image, output: str | os.PathLike, query: tuple[fl
         kind = "decomposed" if att.decomposed else "full"
         _overlay(ax, picture, att.mean.numpy(), f"stage {att.stage + 1}, {kind} MaSA, block {att.block + 1}\n"
                  f"{h}x{w} tokens, mean of {att.weights.shape[0]} heads", marker)
-    result: dict[str, Any] = {"prediction": best, "stages": [s.summary() for s in stages], "input_size": [height, width]}
+    result: dict[str, Any] = {"prediction": best, "stages": [s.summary() for s in stages],
+                              "input_size": [height, width]}
     if cam:
         heat, index = grad_cam(classifier.model, images)
         label = classifier.class_names[index]
@@ -337,10 +348,7 @@ def plot_attention(classifier, image, output: str | os.PathLike, query: tuple[fl
                  "last stage)", None)
         result["cam"] = {"index": index, "label": label, "grid": list(heat.shape)}
     fig.suptitle(title or "MaSA attention of the query point (weights scaled to each panel's maximum)", fontsize=11)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    result["output"] = str(output)
+    result["output"] = str(_save(fig, output, dpi))
     return result
 
 
@@ -387,16 +395,16 @@ def visualize_attention(image: str | os.PathLike, model: str | nn.Module | None,
 
     ``img_size`` replaces the model's input size (the picture is sharper; MaSA works at any size).
     """
-    from .predict import Classifier, load_classifier
+    from ..classification.predict import Classifier, load_classifier
 
     _check_query(query)
     _check_dpi(dpi)
-    classifier = load_classifier(model, checkpoint, device)
+    classifier = load_classifier(model, checkpoint, device, amp="none")  # pictures of the float32 model
     if img_size is not None:
         if img_size < 1:
             raise RMTError(f"--img-size must be positive, got {img_size}")
         config = dict(classifier.data_config, input_size=[classifier.data_config["input_size"][0], img_size, img_size])
-        classifier = Classifier(classifier.model, config, classifier.class_names, classifier.device)
+        classifier = Classifier(classifier.model, config, classifier.class_names, classifier.device, amp="none")
     try:
         return plot_attention(classifier, image, output, query=query, block=block, cam=cam, dpi=dpi)
     except BadImageError as e:

@@ -1,4 +1,5 @@
-"""Pictures of predictions: boxes, labels and masks over an image; a colour-coded segmentation.
+"""Pictures of dense predictions (``rmt det predict``, ``rmt seg predict``): boxes, labels and masks
+over an image; a colour-coded segmentation.
 
 Drawing uses torchvision's ``draw_bounding_boxes`` / ``draw_segmentation_masks``; class colours
 come from one fixed palette so that a class keeps its colour across images.
@@ -6,13 +7,21 @@ come from one fixed palette so that a class keeps its colour across images.
 from __future__ import annotations
 
 import colorsys
-from typing import Dict, List, Optional, Sequence, Tuple
+import io
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-__all__ = ["palette", "draw_detections", "draw_segmentation"]
+from ..data.image import BadImageError, load_rgb
+from ..errors import RMTError
+from ..training.files import atomic_write_bytes
+
+__all__ = ["palette", "draw_detections", "draw_segmentation", "picture_paths", "images_to_draw", "save_picture"]
 
 
 def palette(n: int) -> List[Tuple[int, int, int]]:
@@ -36,8 +45,6 @@ def draw_detections(image: Image.Image, detections: Dict[str, torch.Tensor], cla
     ``detections``: torchvision output for the image (``boxes``, ``labels`` in 1..K, ``scores``,
     optional ``masks`` ``(N, 1, H, W)`` probabilities), already filtered by score.
     """
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-
     canvas = _as_tensor(image)
     colours = palette(len(class_names) + 1)
     labels = detections["labels"].tolist()
@@ -78,3 +85,36 @@ def draw_segmentation(image: Image.Image, prediction: torch.Tensor, class_names:
         draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(c) for c in colours[k]))
         draw.text((x + 14, y - 1), str(class_names[k])[:14], fill=(0, 0, 0))
     return canvas
+
+
+def picture_paths(images: Sequence[str | os.PathLike], output: Optional[str | os.PathLike], suffix: str) -> List[Path]:
+    """Where the pictures of ``images`` go: ``output`` itself for one image and a ``.png`` name, else
+    ``output/<stem>_<suffix>.png`` (``output`` defaults to ``predictions``)."""
+    if output is not None and str(output).lower().endswith(".png"):
+        if len(images) != 1:
+            raise RMTError(f"--output {output} is one file, but {len(images)} images were given: pass a folder")
+        return [Path(output)]
+    folder = Path(output) if output is not None else Path("predictions")
+    if folder.exists() and not folder.is_dir():
+        raise RMTError(f"--output {folder} is a file; pass a folder for the pictures (or a .png name for one image)")
+    return [folder / f"{Path(p).stem}_{suffix}.png" for p in images]
+
+
+def images_to_draw(images: Sequence[str | os.PathLike], output: Optional[str | os.PathLike], suffix: str
+                   ) -> Iterator[Tuple[str, Path, Union[Image.Image, str]]]:
+    """``(path, picture path, image)`` for each of ``images``; the image is the error message (a string)
+    for a file that cannot be read, which the caller reports and skips."""
+    if not images:
+        raise RMTError("no images given")
+    for path, picture in zip(images, picture_paths(images, output, suffix)):
+        try:
+            yield str(path), picture, load_rgb(path)
+        except (BadImageError, OSError) as e:
+            yield str(path), picture, str(e).removeprefix(f"{path}: ")
+
+
+def save_picture(picture: Image.Image, path: Path) -> Path:
+    """Write a PNG atomically."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -13,19 +13,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import timm
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from ..data.folder import BadSample, ImageFolderDataset, collate_skip_bad
 from ..data.token_label import label_path, write_label_map
-from ..engine.distributed import DistInfo, resolve_device
 from ..errors import RMTError
+from ..models.factory import create_model, list_models
+from ..training.distributed import resolve_device
+from ..training.files import atomic_write
+from ..training.run import progress_bar
 
 __all__ = ["generate_token_labels", "dense_teacher_logits", "build_teacher"]
 
@@ -34,10 +36,6 @@ _logger = logging.getLogger(__name__)
 
 def build_teacher(name: str, checkpoint: Optional[str] = None) -> torch.nn.Module:
     """An RMT (any of our names, official or our checkpoints) or any timm model with its weights file."""
-    import timm
-
-    from ..models.factory import create_model, list_models
-
     if name.partition(".")[0] in list_models():
         return create_model(name, checkpoint=checkpoint)
     if name not in timm.list_models() and name.partition(".")[0] not in timm.list_models():
@@ -87,12 +85,20 @@ def generate_token_labels(teacher: str, data: str | os.PathLike, output: str | o
                           progress: bool = True) -> Dict[str, Any]:
     """Write ``OUTPUT/<class>/<stem>.pt`` label maps for every image of the folder ``data``.
 
-    Returns ``{"images", "skipped", "grid": [h, w], "num_classes"}``.
+    Each map is written atomically. Returns ``{"images", "skipped", "grid": [h, w], "num_classes"}``.
     """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise RMTError(f"--output {output} is a file; give the directory to write the label maps into")
+    if batch_size < 1:
+        raise RMTError(f"--batch-size must be positive, got {batch_size}")
     model = build_teacher(teacher, checkpoint)
+    num_classes = getattr(model, "num_classes", None)
+    if topk < 1 or (num_classes and topk > num_classes):
+        raise RMTError(f"--topk must be between 1 and the teacher's {num_classes} classes, got {topk}")
     if checkpoint is None:
         _logger.warning("no --checkpoint: the teacher is randomly initialised (labels are only good for tests)")
-    torch_device = resolve_device(device, DistInfo())
+    torch_device = resolve_device(device)
     model.to(torch_device).eval()
     cfg = model.pretrained_cfg
     size = img_size or cfg["input_size"][-1]
@@ -101,10 +107,8 @@ def generate_token_labels(teacher: str, data: str | os.PathLike, output: str | o
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg["mean"], cfg["std"])])
     dataset = _Indexed(ImageFolderDataset(data, transform=transform))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad)
-    output = Path(output)
     written, skipped, grid = 0, [], None
-    show = progress and sys.stderr.isatty()
-    for batch, bad in tqdm(loader, desc="token labels", disable=not show, dynamic_ncols=True):
+    for batch, bad in progress_bar(loader, progress, desc="token labels"):
         skipped.extend(bad)
         if batch is None:
             continue
@@ -113,9 +117,9 @@ def generate_token_labels(teacher: str, data: str | os.PathLike, output: str | o
         scores, indices = logits.topk(min(topk, logits.shape[1]), dim=1)
         grid = list(logits.shape[-2:])
         for position, s, i in zip(positions.tolist(), scores.cpu(), indices.cpu()):
-            write_label_map(label_path(output, dataset.folder.samples[position][0]), s, i)
+            path = label_path(output, dataset.folder.samples[position][0])
+            atomic_write(path, lambda tmp, s=s, i=i: write_label_map(tmp, s, i))
             written += 1
     if skipped:
         _logger.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0][0])
-    return dict(images=written, skipped=len(skipped), grid=grid, num_classes=getattr(model, "num_classes", None),
-                output=str(output))
+    return dict(images=written, skipped=len(skipped), grid=grid, num_classes=num_classes, output=str(output))

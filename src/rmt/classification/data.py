@@ -3,11 +3,10 @@
 * no ``data``: the bundled digits (train / test split);
 * ``data`` = ImageNet-style folder: ``DATA/<train_split>`` and ``DATA/<val_split>``, with timm's
   transforms for the recipe (RandAugment, random erasing, bicubic resize + centre crop for eval);
-* ``token_label_data``: the training split with dense teacher labels (:mod:`.token_label`).
+* ``token_label_data``: the training split with dense teacher labels (:mod:`rmt.data.token_label`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -15,11 +14,14 @@ from typing import Any, Dict, List, Optional
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset, Subset
 
+from ..data.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataset
+from ..data.folder import ImageFolderDataset, find_classes
+from ..data.token_label import TokenLabelDataset
+from ..data.transforms import eval_transform, final_grid
 from ..errors import RMTError
-from .digits import DIGITS_MEAN, DIGITS_STD, DigitsDataset
-from .folder import ImageFolderDataset
+from .config import ClassificationConfig
 
-__all__ = ["DataBundle", "build_datasets", "eval_transform", "final_grid"]
+__all__ = ["DataBundle", "build_datasets"]
 
 
 @dataclass
@@ -32,18 +34,6 @@ class DataBundle:
     name: str = "digits"
 
 
-def final_grid(img_size: int) -> int:
-    """Token grid of RMT's last stage for a square input: stem /4 then three stride-2 convs."""
-    return math.ceil(img_size / 32)
-
-
-def eval_transform(data_config: Dict[str, Any]):
-    """Resize + centre crop + normalise, as timm's eval transform (ImageNet-style data)."""
-    return create_transform(input_size=tuple(data_config["input_size"]), is_training=False,
-                            interpolation=data_config["interpolation"], crop_pct=data_config["crop_pct"],
-                            mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
-
-
 def _limit(dataset: Dataset, n: Optional[int]) -> Dataset:
     if n is None or n >= len(dataset):
         return dataset
@@ -53,11 +43,9 @@ def _limit(dataset: Dataset, n: Optional[int]) -> Dataset:
     return subset
 
 
-def build_datasets(cfg) -> DataBundle:
-    """Datasets for a :class:`~rmt.engine.config.TrainConfig`."""
+def build_datasets(cfg: ClassificationConfig) -> DataBundle:
+    """Datasets for a :class:`~rmt.classification.config.ClassificationConfig`."""
     if cfg.data is None:
-        if cfg.token_label_data:
-            raise RMTError("token-labelling training needs an image folder: pass --data as well")
         train = DigitsDataset("train", img_size=cfg.img_size, augment=True)
         val = DigitsDataset("test", img_size=cfg.img_size, augment=False)
         data_config = dict(input_size=[3, cfg.img_size, cfg.img_size], mean=list(DIGITS_MEAN),
@@ -75,10 +63,8 @@ def build_datasets(cfg) -> DataBundle:
     data_config = dict(input_size=[3, cfg.img_size, cfg.img_size], mean=list(IMAGENET_DEFAULT_MEAN),
                        std=list(IMAGENET_DEFAULT_STD), interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
     if cfg.token_label_data:
-        from .token_label import TokenLabelDataset
-
         train = TokenLabelDataset(
-            root / cfg.train_split, cfg.token_label_data, num_classes=len(_train_classes(root, cfg)),
+            root / cfg.train_split, cfg.token_label_data, num_classes=len(find_classes(root / cfg.train_split)),
             img_size=cfg.img_size, grid=final_grid(cfg.img_size), scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
             interpolation=cfg.train_interpolation, reprob=cfg.reprob, remode=cfg.remode)
         classes = train.classes
@@ -89,12 +75,12 @@ def build_datasets(cfg) -> DataBundle:
             re_prob=cfg.reprob, re_mode=cfg.remode, re_count=1)
         train = ImageFolderDataset(root / cfg.train_split, transform=train_tf)
         classes = train.classes
+    if len(classes) < 2:
+        raise RMTError(f"{root / cfg.train_split} has {len(classes)} class folder ({', '.join(classes)}): a "
+                       f"classifier needs at least two classes")
     val = ImageFolderDataset(root / cfg.val_split, transform=eval_transform(data_config), classes=classes)
+    for name, dataset in (("training", train), ("validation", val)):
+        if len(dataset) == 0:
+            raise RMTError(f"the {name} split of {root} has no images")
     return DataBundle(_limit(train, cfg.max_train_samples), _limit(val, cfg.max_val_samples), list(classes),
                       data_config, "folder")
-
-
-def _train_classes(root: Path, cfg) -> List[str]:
-    from .folder import find_classes
-
-    return find_classes(root / cfg.train_split)

@@ -25,11 +25,16 @@ from typing import Any
 
 import torch
 from PIL import Image
+from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
 from ..data.image import BadImageError, is_image_file, load_rgb
 from ..data.image import _to_rgb as to_rgb
+from ..data.transforms import eval_transform
 from ..errors import RMTError
+from ..models.factory import checkpoint_info, create_model
+from ..training.distributed import resolve_device
+from ..training.precision import amp_dtype, autocast, describe_precision, fast_bf16
 
 __all__ = [
     "Classifier",
@@ -68,8 +73,6 @@ class Prediction:
 
 
 def _imagenet_names() -> list[str]:
-    from timm.data import ImageNetInfo
-
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(info.num_classes())]
 
@@ -87,11 +90,23 @@ def class_names_for(num_classes: int, stored: Sequence[str] | None = None) -> li
 
 def model_data_config(model: nn.Module) -> dict[str, Any]:
     """The evaluation preprocessing of a timm model's ``pretrained_cfg`` as a data config dict."""
-    from timm.data import resolve_data_config
-
     cfg = resolve_data_config(model=model)
     return {"input_size": list(cfg["input_size"]), "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]),
                 "std": list(cfg["std"]), "crop_pct": cfg["crop_pct"]}
+
+
+def _checked_data_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse preprocessing a model cannot be fed with (a damaged or hand-edited checkpoint's)."""
+    size = config.get("input_size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise RMTError(f"the checkpoint's data config has input size {size!r}; expected [channels, height, width], "
+                       f"all positive")
+    for key in ("mean", "std"):
+        if len(config.get(key) or ()) != size[0]:
+            raise RMTError(f"the checkpoint's data config has {key} {config.get(key)!r} for {size[0]} channels")
+    if not 0 < float(config.get("crop_pct", 1.0)) <= 1:
+        raise RMTError(f"the checkpoint's data config has crop_pct {config.get('crop_pct')!r}; expected (0, 1]")
+    return config
 
 
 class Classifier:
@@ -103,16 +118,20 @@ class Classifier:
             ``grayscale`` (read images as grey, repeated to RGB); default: the model's ``pretrained_cfg``.
         class_names: one per output; default: see :func:`class_names_for`.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+        amp: ``"auto"`` (bf16 autocast where the device computes bf16 natively -- CUDA, or a CPU with
+            AVX512-BF16/AMX -- else float32), ``"none"`` (float32), ``"bf16"`` or ``"fp16"`` (CUDA).
+            ``precision`` says which one runs.
     """
 
     def __init__(self, model: nn.Module, data_config: dict[str, Any] | None = None,
-                 class_names: Sequence[str] | None = None, device: str | torch.device = "auto"):
-        from ..data.datasets import eval_transform
-        from ..engine.distributed import DistInfo, resolve_device
-
-        self.device = resolve_device(device, DistInfo()) if isinstance(device, str) else device
+                 class_names: Sequence[str] | None = None, device: str | torch.device = "auto", amp: str = "auto"):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        if amp == "auto":
+            amp = "bf16" if fast_bf16(self.device) else "none"
+        self.amp_dtype = amp_dtype(amp, self.device)
+        self.precision = describe_precision(self.device, self.amp_dtype)
         self.model = model.to(self.device).eval()
-        self.data_config = dict(data_config or model_data_config(model))
+        self.data_config = _checked_data_config(dict(data_config or model_data_config(model)))
         self.transform: Callable[[Image.Image], torch.Tensor] = eval_transform(self.data_config)
         num_classes = getattr(model, "num_classes", None) or len(class_names or [])
         self.class_names = class_names_for(int(num_classes), class_names)
@@ -132,7 +151,8 @@ class Classifier:
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(B, num_classes)`` (float32, on the CPU) for a preprocessed batch."""
-        logits = self.model(batch.to(self.device))
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(batch.to(self.device))
         return logits.float().softmax(dim=-1).cpu()
 
     def top(self, probs: torch.Tensor, k: int) -> list[dict[str, Any]]:
@@ -143,19 +163,15 @@ class Classifier:
 
 
 def load_classifier(model: str | nn.Module | None = None, checkpoint: str | os.PathLike | None = None,
-                    device: str | torch.device = "auto") -> Classifier:
+                    device: str | torch.device = "auto", amp: str = "auto") -> Classifier:
     """A :class:`Classifier` for a model name (or a built model) and a checkpoint.
 
     ``model`` may be ``None`` when ``checkpoint`` is one of ours (it names its model). The checkpoint's
     stored class names and preprocessing are used when it has them. Without a checkpoint the weights
-    are random (a warning says so).
+    are random (a warning says so). ``amp``: see :class:`Classifier`.
     """
-    from ..models.factory import checkpoint_info, create_model
-
     info: dict[str, Any] = {}
     if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise RMTError(f"checkpoint not found: {checkpoint}")
         info = checkpoint_info(checkpoint)
     if isinstance(model, nn.Module):
         if checkpoint is not None:
@@ -169,7 +185,7 @@ def load_classifier(model: str | nn.Module | None = None, checkpoint: str | os.P
         if checkpoint is None:
             _logger.warning("no checkpoint: %s has random weights, its predictions mean nothing", name)
         net = create_model(name, checkpoint=checkpoint)
-    return Classifier(net, info.get("data_config"), info.get("class_names"), device)
+    return Classifier(net, info.get("data_config"), info.get("class_names"), device, amp)
 
 
 def find_images(inputs: Iterable[ImageSource]) -> list[Path | Image.Image | Prediction]:
@@ -196,16 +212,23 @@ def find_images(inputs: Iterable[ImageSource]) -> list[Path | Image.Image | Pred
     return found
 
 
-def iter_predictions(classifier: Classifier, inputs: ImageSource | Iterable[ImageSource], topk: int = 5,
+def iter_predictions(classifier: Classifier, inputs: ImageSource | Iterable[ImageSource], topk: int | None = None,
                      batch_size: int = 16) -> Iterator[Prediction]:
     """Classify ``inputs`` (files, directories, PIL images), yielding one :class:`Prediction` per image
-    in input order as each batch finishes. Unreadable files yield a failed prediction."""
+    in input order as each batch finishes. Unreadable files yield a failed prediction. ``topk``: the
+    classes to return per image (default: 5, or all of fewer); more than the model has is refused."""
+    if topk is None:
+        topk = min(5, len(classifier.class_names))
     if topk < 1:
         raise RMTError(f"--topk must be at least 1, got {topk}")
+    if topk > len(classifier.class_names):
+        raise RMTError(f"--topk {topk} is more than the model's {len(classifier.class_names)} classes")
+    if batch_size < 1:
+        raise RMTError(f"--batch-size must be positive, got {batch_size}")
     if isinstance(inputs, (str, os.PathLike, Image.Image)):
         inputs = [inputs]
     items = find_images(inputs)
-    for start in range(0, len(items), max(1, batch_size)):
+    for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         results: list[Prediction] = []
         tensors, slots = [], []
@@ -231,8 +254,8 @@ def iter_predictions(classifier: Classifier, inputs: ImageSource | Iterable[Imag
 
 
 def predict(inputs: ImageSource | Sequence[ImageSource], model: str | nn.Module | None = None,
-            checkpoint: str | os.PathLike | None = None, topk: int = 5, device: str = "auto",
-            batch_size: int = 16) -> list[Prediction]:
+            checkpoint: str | os.PathLike | None = None, topk: int | None = None, device: str = "auto",
+            batch_size: int = 16, amp: str = "auto") -> list[Prediction]:
     """Top-``topk`` classes with probabilities for image files, directories of them, or PIL images.
 
     Args:
@@ -240,6 +263,7 @@ def predict(inputs: ImageSource | Sequence[ImageSource], model: str | nn.Module 
         model: a variant name (``rmt_s``), or ``None`` to take it from one of our checkpoints, or a
             built model (then ``checkpoint`` must be ``None``).
         checkpoint: official ``.pth``, our ``.safetensors`` or a run checkpoint (``best.pth``).
+        amp: the precision (see :class:`Classifier`; by default bf16 where the device runs it natively).
 
     Returns one :class:`Prediction` per image, in order; unreadable files have ``error`` set and
     an empty ``topk``.
@@ -251,5 +275,5 @@ def predict(inputs: ImageSource | Sequence[ImageSource], model: str | nn.Module 
         >>> p.topk[0]
         {'label': 'tabby, tabby cat', 'index': 281, 'prob': 0.71}
     """
-    classifier = load_classifier(model, checkpoint, device)
+    classifier = load_classifier(model, checkpoint, device, amp)
     return list(iter_predictions(classifier, inputs, topk=topk, batch_size=batch_size))

@@ -1,1 +1,0 @@
-"""Shared pieces of the dense-prediction tasks: configs and the training loop."""

@@ -1,0 +1,558 @@
+"""A training run: what every task's loop calls, so that each loop reads top to bottom.
+
+A task's ``train(cfg)`` looks like this (classification, detection and segmentation all do)::
+
+    with TrainingRun(cfg, task="...", spec=RoundSpec(...), default_output=...) as run:
+        data = ...; model = ...                          # may fail: nothing is written yet
+        model, ddp = run.prepare_model(model)            # device, SyncBN, DDP
+        optimizer, scheduler = ...
+        run.begin(model, optimizer, scheduler, meta=...)  # resume or start; config.yaml
+        loader = run.train_loader(data.train, ...)
+        for epoch in run.epochs(cfg.epochs):
+            for batch in run.batches(loader):
+                with run.accumulate(ddp):
+                    with run.autocast():
+                        loss = ...
+                    run.backward(loss, count=...)
+            run.end_round(evaluate(...), describe)     # metrics row, best/last checkpoints, curves
+        return run.finish()
+
+What it does for the loop:
+
+* **processes and precision**: the process group under torchrun, the device, the autocast dtype
+  (rmt.training.precision), per-process seeds;
+* **the run directory** (rmt.training.rundir): claimed and locked before anything is built, written
+  only once the start has passed its checks;
+* **resume**: ``--resume auto|PATH`` restores weights, EMA, optimizer, schedule, scaler, progress,
+  history, and each process's random state and loss sums, so that a resumed run ends bit for bit
+  where an uninterrupted one would (same seed, device, thread and process count);
+* **the optimizer step**: gradient accumulation (DDP ``no_sync`` on the batches that do not step),
+  the fp16 gradient scaler, gradient clipping, the EMA update, the schedule's per-update step;
+* **signals**: SIGTERM/SIGINT stop the run at the next optimizer-step boundary; ``last.pth`` is
+  written and :class:`rmt.errors.RunInterrupted` raised (exit status 128 + signal);
+* **checkpoints**: ``last.pth`` at every evaluation (and every ``checkpoint_interval`` updates),
+  ``best.pth`` + ``model.safetensors`` when the evaluation improved, retention of the last N.
+
+Policies (the same for every task):
+
+* **non-finite loss**: with ``max_bad_steps`` 0 (the default) the run stops with
+  :class:`rmt.errors.NonFiniteLossError` (exit status 3) naming the step; nothing computed after the
+  bad step is saved, the last good checkpoint stays. The loss is checked on the host only at log
+  intervals and before every save (no per-step device sync): the first bad step is tracked on the
+  device. With ``max_bad_steps`` N > 0 every loss is checked (a sync per step), up to N bad steps
+  are skipped (their gradients dropped and their BatchNorm statistics restored), and the N+1-th
+  stops the run. Weights that are not finite at an evaluation stop the run the same way.
+* **resuming with another number of processes**: accepted at an epoch boundary (the data order
+  from then on is the new process count's, and the random states are re-seeded, so the run is
+  no longer bitwise reproducible); refused in the middle of an epoch, whose remaining samples are
+  sharded by the old process count.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data.sampling import ResumableSampler, SeededDataset
+from ..errors import NonFiniteLossError, RMTError, RunInterrupted
+from ..models.weights import save_weights
+from .checkpoint import Progress, RunCheckpoint, read_run_checkpoint
+from .config import RunConfig, save_config
+from .distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    resolve_device,
+)
+from .files import atomic_save, atomic_write
+from .precision import amp_dtype, autocast, configure_float32, describe_precision
+from .rng import rng_state, seed_everything, set_rng_state
+from .rundir import RunDirectory, plot_curves
+
+__all__ = ["TrainingRun", "RoundSpec", "RunResult", "progress_bar", "default_output"]
+
+_logger = logging.getLogger("rmt.train")
+_NO_BAD_STEP = torch.iinfo(torch.int64).max
+
+
+def progress_bar(iterable, enabled: bool = True, **kwargs):
+    """A tqdm bar when ``enabled`` (the main process) and stderr is a terminal; else the plain iterable."""
+    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kwargs)
+
+
+def default_output(*parts: str, data: Optional[str], demo: str) -> str:
+    """``runs/<parts>-<data>-<time>``: where a run goes without ``--output`` (``data`` is the dataset
+    root, or ``None`` for the task's bundled ``demo`` data)."""
+    name = demo if data is None else Path(data).name
+    return str(Path("runs") / "-".join([*parts, name, time.strftime("%Y%m%d-%H%M%S")]))
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What a task's evaluations ("rounds") look like.
+
+    ``metric``: the row entry that picks ``best.pth`` (higher is better). ``columns``: the columns of
+    ``metrics.csv``. ``unit``: ``"epoch"`` or ``"iteration"``, what the retained checkpoints are
+    numbered by and the curves' x axis. ``plotted``: the metrics drawn in ``curves.png`` next to the
+    losses ``losses``. ``same_on_resume``: config keys a resumed run must share with its checkpoint."""
+
+    metric: str
+    columns: Sequence[str]
+    plotted: Sequence[str]
+    unit: str = "epoch"
+    losses: Sequence[str] = ("train_loss",)
+    same_on_resume: Sequence[str] = ()
+    time_column: str = "seconds"
+
+
+@dataclass
+class RunResult:
+    """How a run ended (the main process's view). ``best_value`` is ``None`` when no evaluation ran."""
+
+    output: Path
+    metric: str
+    best_value: Optional[float]
+    best_at: Optional[int]
+    final: Dict[str, Any]
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+class TrainingRun:
+    """One training run of any task (see the module doc). Use it as a context manager."""
+
+    def __init__(self, cfg: RunConfig, *, task: str, spec: RoundSpec, default_output: str, command: str):
+        self.cfg, self.task, self.spec = cfg, task, spec
+        self.command = command  # how the user starts this task's training, for the messages
+        self.info: DistInfo = init_distributed(cfg.device)
+        self.device = resolve_device(cfg.device, self.info)
+        self.amp_dtype = amp_dtype(cfg.amp, self.device)
+        configure_float32(self.device, self.amp_dtype)
+        seed_everything(cfg.seed + self.info.rank)
+        self.output = Path(cfg.output or default_output)
+        cfg.output = str(self.output)  # the saved config.yaml then resumes into the same directory
+        self.directory = RunDirectory(self.output)
+        self.progress = Progress()
+        self.history: List[Dict[str, Any]] = []
+        self.model: Optional[nn.Module] = None
+        self.ema: Optional[ModelEmaV3] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Any = None
+        self.scaler: Optional[torch.amp.GradScaler] = None
+        self.meta: Dict[str, Any] = {}
+        self._stop_signal: Optional[int] = None
+        self._previous_handlers: Dict[int, Any] = {}
+        self._started = False
+        self._new_round()
+        self._completes_update = True
+        self._saved_norms: Optional[List[torch.Tensor]] = None
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "TrainingRun":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._claim_directory()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        if self.info.is_main:
+            self.directory.release(failed=not self._started)
+        cleanup(self.info)
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self._started or self._stop_signal is not None:  # nothing to save yet, or asked twice: stop now
+            raise KeyboardInterrupt if signum == signal.SIGINT else RunInterrupted(signum)
+        self._stop_signal = signum  # the loop stops at the next optimizer-step boundary, after saving
+
+    def _claim_directory(self) -> None:
+        error = None
+        if self.info.is_main:
+            try:
+                self.directory.claim(self.cfg.resume, self.cfg.overwrite, self.restart_command)
+            except RMTError as e:
+                error = str(e)
+        error = broadcast_object(error, self.info)
+        if error is not None:
+            raise RMTError(error)
+
+    @property
+    def restart_command(self) -> str:
+        return f"{self.command} --config {self.output / 'config.yaml'} --resume auto"
+
+    def log(self, message: str) -> None:
+        """A line for the user, from the main process (above the progress bar on a terminal)."""
+        if self.info.is_main:
+            tqdm.write(message, file=sys.stderr) if sys.stderr.isatty() else _logger.info(message)
+
+    # ------------------------------------------------------------------------------ building
+    def prepare_model(self, model: nn.Module, find_unused_parameters: bool = False) -> Tuple[nn.Module, nn.Module]:
+        """Move ``model`` to the device (SyncBatchNorm on CUDA with ``sync_bn``) and wrap it in DDP when
+        there are several processes. Returns ``(model, ddp)``: train through ``ddp``, save ``model``."""
+        model.to(self.device)
+        if self.cfg.sync_bn and self.info.distributed:
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif self.info.is_main:
+                _logger.warning("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); each process keeps its "
+                                "own batch statistics")
+        ddp = model
+        if self.info.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                      find_unused_parameters=find_unused_parameters)
+        return model, ddp
+
+    def train_loader(self, dataset: Dataset, collate_fn: Callable, workers: int, repeats: int = 1,
+                     drop_last: bool = True) -> DataLoader:
+        """The training loader: this process's share of each epoch, reproducible and resumable (each
+        sample's augmentation is seeded by ``(seed, epoch, position)``: rmt.data.sampling)."""
+        cfg, info = self.cfg, self.info
+        sampler = ResumableSampler(len(dataset), rank=info.rank, world_size=info.world_size, seed=cfg.seed,
+                                   shuffle=True, repeats=repeats)
+        # a private generator: creating an epoch's iterator must not draw from the global generator, or a
+        # run resumed mid-epoch would be one draw ahead
+        loader = DataLoader(SeededDataset(dataset), batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                            collate_fn=collate_fn, drop_last=drop_last and len(sampler) >= cfg.batch_size,
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+        if len(loader) == 0:
+            raise RMTError(f"the training set ({len(dataset)} images over {info.world_size} process(es)) is smaller "
+                           f"than one batch of {cfg.batch_size}")
+        return loader
+
+    def begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
+              meta: Dict[str, Any], ema_decay: Optional[float] = None) -> None:
+        """Start the run: EMA and fp16 scaler as configured, the checkpoint of ``--resume`` checked and
+        loaded, the old run's files removed for ``--overwrite``, ``config.yaml`` written.
+
+        ``meta``: what the weights are (rmt.models.weights.METADATA_KEYS), saved with every
+        checkpoint and ``model.safetensors``; ``task`` and ``config`` are added here."""
+        cfg = self.cfg
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.meta = dict(meta, task=self.task, config=cfg.to_dict())
+        if cfg.model_ema:
+            self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay if ema_decay is None else ema_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self._norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                              for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        resume = self._resume_path()
+        checkpoint = read_run_checkpoint(resume, task=self.task) if resume is not None else None
+        if checkpoint is not None:
+            self._check_resumable(checkpoint, resume)
+        if self.info.is_main:
+            if cfg.overwrite and checkpoint is None:
+                self.directory.clear()
+            save_config(cfg, self.output / "config.yaml")
+        barrier(self.info)
+        self._started = True
+        if checkpoint is not None:
+            self._load(checkpoint, resume)
+        if self.info.is_main:  # the derived files follow the checkpoint (a kill may have cut them short)
+            self._write_derived()
+
+    def _resume_path(self) -> Optional[Path]:
+        resume = self.cfg.resume
+        if not resume:
+            return None
+        path = self.output / "last.pth" if resume == "auto" else Path(resume)
+        if path.is_file():
+            return path
+        if resume != "auto":
+            raise RMTError(f"--resume: no checkpoint at {path}")
+        self.log(f"--resume auto: no {path} yet, starting from scratch")
+        return None
+
+    def _check_resumable(self, ckpt: RunCheckpoint, path: Path) -> None:
+        """Refuse a checkpoint of another model, class list or config (before anything is written)."""
+        if ckpt.meta.get("model") != self.meta.get("model"):
+            raise RMTError(f"--resume {path}: the checkpoint is for {ckpt.meta.get('model')}, not "
+                           f"{self.meta.get('model')}")
+        if ckpt.meta.get("class_names") != self.meta.get("class_names"):
+            raise RMTError(f"--resume {path}: the checkpoint's classes differ from the dataset's")
+        for key in self.spec.same_on_resume:
+            if ckpt.config.get(key) != getattr(self.cfg, key):
+                raise RMTError(f"--resume {path}: the checkpoint has {key} {ckpt.config.get(key)}, the config "
+                               f"{getattr(self.cfg, key)}")
+        if ckpt.world_size != self.info.world_size and ckpt.progress.step > 0:
+            raise RMTError(f"--resume {path}: saved in the middle of an epoch by {ckpt.world_size} process(es); "
+                           f"resume it with {ckpt.world_size}, or from a checkpoint at an epoch boundary")
+
+    def _load(self, ckpt: RunCheckpoint, path: Path) -> None:
+        self.model.load_state_dict(ckpt.model)
+        if self.ema is not None and ckpt.model_ema is not None:
+            self.ema.module.load_state_dict(ckpt.model_ema)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        if self.scheduler is not None and ckpt.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt.scheduler)
+        if self.scaler is not None and ckpt.scaler:
+            self.scaler.load_state_dict(ckpt.scaler)
+        self.progress, self.history = ckpt.progress, list(ckpt.history)
+        if ckpt.world_size == self.info.world_size:
+            mine = ckpt.ranks[self.info.rank]
+            set_rng_state(mine["rng"])
+            self._loss_sum = torch.tensor(mine["loss_sum"], dtype=torch.float64, device=self.device)
+            self._loss_count = mine["loss_count"]
+        else:  # another process count, at an epoch boundary (see the module doc)
+            seed_everything(self.cfg.seed + self.info.rank + 1000 * self.progress.epoch)
+        where = f"epoch {self.progress.epoch + 1}" + (f", step {self.progress.step}" if self.progress.step else "")
+        self.log(f"resumed from {path} at {where}, iteration {self.progress.iteration}")
+
+    # ------------------------------------------------------------------------------ the loop
+    def epochs(self, total: int) -> Iterator[int]:
+        """Epoch indices from where the run is to ``total`` (the data of each is run by :meth:`batches`)."""
+        while self.progress.epoch < total:
+            yield self.progress.epoch
+
+    def batches(self, loader: DataLoader) -> Iterator[Any]:
+        """The rest of the current epoch's batches. After each batch it stops the run for a pending
+        signal and writes the interval checkpoint, both at optimizer-step boundaries."""
+        accum, progress = self.cfg.accum_steps, self.progress
+        loader.sampler.set_epoch(progress.epoch)
+        loader.sampler.set_start(progress.step * loader.batch_size)
+        total = len(loader) + progress.step
+        bar = progress_bar(loader, self.info.is_main, desc=f"epoch {progress.epoch + 1}", initial=progress.step,
+                           total=total)
+        for batch in bar:
+            self._completes_update = (progress.step + 1) % accum == 0 or progress.step + 1 == total
+            self._updated_now = False
+            progress.step += 1  # counted before the body: a checkpoint taken inside it resumes after this batch
+            yield batch
+            if self._completes_update:
+                self._stop_if_signalled()
+                interval = self.cfg.checkpoint_interval
+                if interval and self._updated_now and progress.iteration % interval == 0 and progress.step < total:
+                    self.save_last()
+        bar.close()
+        progress.epoch, progress.step = progress.epoch + 1, 0
+
+    def accumulate(self, ddp: nn.Module) -> ContextManager:
+        """Around a batch's forward and backward: DDP does not synchronise gradients for batches that do
+        not complete an optimizer step. With ``max_bad_steps`` it also snapshots the BatchNorm
+        statistics, which a skipped batch must not change."""
+        if self.cfg.max_bad_steps > 0:
+            self._saved_norms = [b.clone() for b in self._norm_buffers]
+        if self.info.distributed and not self._completes_update:
+            return ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def autocast(self) -> ContextManager:
+        """Autocast to the run's dtype (nothing for float32)."""
+        return autocast(self.device, self.amp_dtype)
+
+    def backward(self, loss: torch.Tensor, count: int = 1) -> bool:
+        """Backward of one batch's ``loss`` (over ``count`` images), and the optimizer step when the batch
+        completes one (accumulation, scaler, clipping, EMA, schedule). Returns whether the weights
+        were updated. Applies the non-finite-loss policy (module doc)."""
+        loss_detached = loss.detach().float()
+        if self.cfg.max_bad_steps > 0:
+            if not math.isfinite(float(loss_detached)):
+                self._skip_bad_step()
+                return False
+        else:
+            self._track_first_bad(loss_detached)
+        self._loss_sum += loss_detached.double() * count
+        self._loss_count += count
+        self._round_images += count
+        scaled = loss / self.cfg.accum_steps
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if not self._completes_update:
+            return False
+        self._optimizer_step()
+        if self.progress.iteration % self.cfg.log_interval == 0:
+            self._log_step(loss_detached)
+        self._updated_now = True
+        return True
+
+    def _track_first_bad(self, loss: torch.Tensor) -> None:
+        position = self.progress.epoch * 2**32 + self.progress.step  # decoded in _check_finite
+        first_here = ~torch.isfinite(loss) & (self._first_bad == _NO_BAD_STEP)
+        self._first_bad = torch.where(first_here, position, self._first_bad)
+
+    def _check_finite(self) -> None:
+        """Raise for a non-finite loss seen since the last check (a host sync)."""
+        first = int(self._first_bad)
+        if first != _NO_BAD_STEP:
+            epoch, step = divmod(first, 2**32)
+            raise NonFiniteLossError(
+                f"the loss is not finite at epoch {epoch + 1}, step {step}; stopped, the last good checkpoint is "
+                f"kept. Lower --lr, set --clip-grad, or allow a few bad steps with --max-bad-steps N")
+
+    def _skip_bad_step(self) -> None:
+        progress = self.progress
+        progress.bad_steps += 1
+        where = f"epoch {progress.epoch + 1}, step {progress.step}"
+        if progress.bad_steps > self.cfg.max_bad_steps:
+            raise NonFiniteLossError(f"the loss is not finite at {where} ({progress.bad_steps} bad steps, more "
+                                     f"than --max-bad-steps {self.cfg.max_bad_steps}); stopped, the last good "
+                                     f"checkpoint is kept. Lower --lr or set --clip-grad")
+        self.optimizer.zero_grad(set_to_none=True)
+        for buffer, saved in zip(self._norm_buffers, self._saved_norms or []):
+            buffer.copy_(saved)
+        self.log(f"warning: non-finite loss at {where}, step skipped ({progress.bad_steps}/{self.cfg.max_bad_steps})")
+
+    def _optimizer_step(self) -> None:
+        clip = self.cfg.clip_grad
+        if self.scaler is not None:
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.iteration)
+        self.progress.iteration += 1
+        if self.scheduler is not None:
+            if hasattr(self.scheduler, "step_update"):  # timm's schedulers count updates themselves
+                self.scheduler.step_update(num_updates=self.progress.iteration)
+            else:
+                self.scheduler.step()
+
+    def _log_step(self, loss: torch.Tensor) -> None:
+        self._check_finite()
+        if self.info.is_main and not sys.stderr.isatty():
+            _logger.info("epoch %d step %d, iteration %d: loss %.4f, lr %.3g", self.progress.epoch + 1,
+                         self.progress.step, self.progress.iteration, float(loss), self.lr)
+
+    @property
+    def precision(self) -> str:
+        """What the run computes in: ``float32``, ``bf16 autocast``, ..."""
+        return describe_precision(self.device, self.amp_dtype)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def iteration(self) -> int:
+        return self.progress.iteration
+
+    def _stop_if_signalled(self, saved: bool = False) -> None:
+        stop = self._stop_signal or 0
+        if self.info.distributed:  # every process stops at the same step, so that they save together
+            stop = int(all_reduce_sum(torch.tensor([stop], dtype=torch.int64), self.info).max())
+        if stop:
+            path = self.output / "last.pth" if saved else self.save_last()
+            raise RunInterrupted(stop, f"interrupted by {signal.Signals(stop).name} at epoch "
+                                       f"{self.progress.epoch + 1}, step {self.progress.step}: saved {path}. "
+                                       f"Resume with: {self.restart_command}")
+
+    # ------------------------------------------------------------------------------ rounds
+    def _new_round(self) -> None:
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._loss_count = 0
+        self._round_images = 0
+        self._round_start = time.perf_counter()
+        self._first_bad = torch.tensor(_NO_BAD_STEP, device=self.device)
+        self._updated_now = False
+
+    def end_round(self, metrics: Dict[str, Any], describe: Callable[[Dict[str, Any]], str]) -> Dict[str, Any]:
+        """Close an evaluation round: a row of ``metrics.csv`` (epoch, iteration, train loss, lr, ``metrics``,
+        seconds, images per second), ``best.pth``/``model.safetensors`` if the run's metric improved,
+        ``last.pth``, retention, curves; logs ``describe(row)``. Returns the row."""
+        self._check_finite()
+        self._check_weights()
+        count = torch.tensor(float(self._loss_count), dtype=torch.float64, device=self.device)
+        totals = all_reduce_sum(torch.stack([self._loss_sum, count]), self.info)
+        seconds = time.perf_counter() - self._round_start
+        images_per_second = self._round_images * self.info.world_size / max(seconds, 1e-9)
+        row = dict(epoch=self.progress.epoch, iteration=self.progress.iteration,
+                   train_loss=float(totals[0] / max(float(totals[1]), 1.0)), lr=self.lr, **metrics,
+                   **{self.spec.time_column: seconds}, images_per_second=images_per_second)
+        value = row.get(self.spec.metric)
+        improved = value is not None and math.isfinite(value) and (self.progress.best_value is None
+                                                                   or value > self.progress.best_value)
+        if improved:
+            self.progress.best_value, self.progress.best_at = value, row[self.spec.unit]
+        self.history.append(row)
+        self._new_round()
+        self.log(describe(row))
+        self._save_round(row, improved)
+        self._stop_if_signalled(saved=True)
+        return row
+
+    def _check_weights(self) -> None:
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteLossError(f"the weights are not finite after epoch {self.progress.epoch}, iteration "
+                                     f"{self.progress.iteration} ({len(bad)} tensors, first {bad[0]}); stopped, the "
+                                     f"last good checkpoint is kept. Lower --lr or set --clip-grad")
+
+    # ------------------------------------------------------------------------------ saving
+    def checkpoint(self) -> RunCheckpoint:
+        """The run's state now (every process takes part: each adds its random state and loss sums)."""
+        self._check_finite()
+        mine = dict(rng=rng_state(), loss_sum=float(self._loss_sum), loss_count=self._loss_count)
+        ranks = all_gather_objects(mine, self.info)
+        return RunCheckpoint(
+            meta=self.meta, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            progress=Progress.from_dict(self.progress.to_dict()), history=list(self.history), ranks=ranks,
+            world_size=self.info.world_size, model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None)
+
+    def save_last(self) -> Path:
+        """Write ``last.pth`` (all processes call it; the main one writes)."""
+        path = self.output / "last.pth"
+        checkpoint = self.checkpoint()
+        if self.info.is_main:
+            atomic_save(checkpoint.to_dict(), path)
+        barrier(self.info)
+        return path
+
+    def _save_round(self, row: Dict[str, Any], improved: bool) -> None:
+        # best before last: a kill between the two resumes from the older last.pth and redoes the round
+        checkpoint = self.checkpoint()
+        if self.info.is_main:
+            state = checkpoint.to_dict()
+            if improved:
+                atomic_save(state, self.output / "best.pth")
+                metrics = {k: row[k] for k in (self.spec.unit, self.spec.metric) if k in row}
+                meta = dict(self.meta, metrics=metrics)
+                atomic_write(self.output / "model.safetensors", lambda tmp: save_weights(self.model, tmp, meta))
+            last = atomic_save(state, self.output / "last.pth")
+            if self.cfg.keep_checkpoints > 0:
+                label = "epoch" if self.spec.unit == "epoch" else "iter"
+                number = row[self.spec.unit]
+                self.directory.retain(last, f"{label}_{number:0{4 if label == 'epoch' else 8}d}.pth",
+                                      self.cfg.keep_checkpoints)
+            self._write_derived()
+        barrier(self.info)
+
+    def _write_derived(self) -> None:
+        """``metrics.csv`` and ``curves.png`` from the history (they follow the checkpoints)."""
+        if not self.history:
+            return
+        self.directory.write_metrics(self.history, self.spec.columns)
+        try:
+            plot_curves(self.history, self.output / "curves.png", self.spec.unit, self.spec.losses, self.spec.plotted)
+        except Exception as e:  # a plot must never stop a run
+            _logger.warning("could not draw curves.png: %s", e)
+
+    def finish(self) -> RunResult:
+        """The run's summary."""
+        if self.info.is_main and not self.history:
+            self.log("no evaluation ran")
+        final = dict(self.history[-1]) if self.history else {}
+        return RunResult(self.output, self.spec.metric, self.progress.best_value, self.progress.best_at, final,
+                         list(self.history))

@@ -1,0 +1,167 @@
+"""The run directory: what a training run writes, and the rules that keep runs apart.
+
+Every task's run writes the same files into its ``--output`` directory::
+
+    config.yaml         the resolved config
+    metrics.csv         one row per evaluation (rewritten from the checkpoint's history)
+    curves.png          loss and metrics per evaluation
+    last.pth            everything needed to resume (``--resume auto``); see rmt.training.checkpoint
+    best.pth            the checkpoint of the best evaluation
+    model.safetensors   the best weights, with what they are in the metadata (rmt.models.weights)
+    epoch_NNNN.pth / iter_NNNNNNNN.pth   the most recent evaluations' checkpoints (--keep-checkpoints N)
+
+All of them are written atomically (rmt.training.files).
+
+Rules (:meth:`RunDirectory.claim`):
+
+* a directory belongs to one run. Starting a new run where another run's files are is refused,
+  with what to do: ``--resume auto`` to continue it, another ``--output``, or ``--overwrite`` to
+  replace it (the old run's files are removed only once the new run has passed every check);
+* a lock (``flock`` on the directory itself) is held for the life of the run, so a second process
+  training into the same directory is refused while the first runs;
+* nothing is written into the directory before every check of the start has passed; a directory
+  created for a run that then failed to start is removed again.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from ..errors import RMTError
+from .files import atomic_copy, atomic_write, atomic_write_text
+
+__all__ = ["RunDirectory", "RUN_FILES", "format_metric", "read_metrics_csv", "plot_curves"]
+
+RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "model.safetensors")
+_RETAINED = ("epoch_*.pth", "iter_*.pth")
+
+
+def format_metric(value: Any) -> str:
+    """A metric value for CSV: 6 significant digits; non-finite values as an empty cell (never NaN)."""
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else ""
+    return "" if value is None else str(value)
+
+
+def read_metrics_csv(path: Path) -> List[Dict[str, Any]]:
+    """The rows of a ``metrics.csv`` (numbers as int/float, empty cells dropped)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (int(v) if k in ("epoch", "iteration") else float(v)) for k, v in row.items() if v != ""}
+            for row in rows]
+
+
+def plot_curves(rows: Sequence[Dict[str, Any]], path: Path, x: str, losses: Sequence[str],
+                metrics: Sequence[str]) -> None:
+    """Losses (left) and metrics (right) against ``x``, as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r[x] for r in rows]
+    for ax, keys, title in ((ax_loss, losses, "loss"), (ax_metric, metrics, "validation")):
+        for key in keys:
+            points = [(xv, r[key]) for xv, r in zip(xs, rows) if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), "o-", label=key)
+        ax.set(xlabel=x, title=title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    plt.close(fig)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+class RunDirectory:
+    """A run's ``--output`` directory: claimed and locked by one run (see the module doc)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+        self._created = False
+
+    # ----------------------------------------------------------------------------- claiming
+    def run_files(self) -> List[Path]:
+        """The files of a run in the directory (see the module doc)."""
+        if not self.path.is_dir():
+            return []
+        found = [self.path / name for name in RUN_FILES if (self.path / name).exists()]
+        for pattern in _RETAINED:
+            found += sorted(self.path.glob(pattern))
+        return found
+
+    def claim(self, resume: Optional[str], overwrite: bool, restart_hint: str) -> None:
+        """Lock the directory for this run and check that the run may start here (module doc).
+
+        ``restart_hint`` is the command that continues the run, for the refusal message."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RMTError(f"--output {self.path} is a file, not a directory")
+        if not self.path.exists():
+            try:
+                self.path.mkdir(parents=True)
+            except OSError as e:
+                raise RMTError(f"cannot create the run directory {self.path}: {e.strerror or e}") from None
+            self._created = True
+        self._lock()
+        if resume or overwrite:
+            return
+        existing = self.run_files()
+        if existing:
+            names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
+            self.release()
+            raise RMTError(f"{self.path} already holds a run ({names}). Continue it with --resume auto "
+                           f"({restart_hint}), choose another --output, or replace it with --overwrite")
+
+    def _lock(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RMTError(f"another rmt process is training in {self.path}; wait for it to finish, or choose "
+                           f"another --output") from None
+        self._lock_fd = fd
+
+    def clear(self) -> None:
+        """Remove a previous run's files (for ``--overwrite``, once the new run has passed its checks)."""
+        for path in self.run_files():
+            path.unlink(missing_ok=True)
+
+    def release(self, failed: bool = False) -> None:
+        """Unlock; after a failed start, remove the directory again if this run created it and it is empty."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if failed and self._created:
+            try:
+                self.path.rmdir()  # only if empty
+            except OSError:
+                pass
+
+    # ----------------------------------------------------------------------------- files
+    def write_metrics(self, rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> None:
+        """``metrics.csv`` from the run's history (columns in order; others ignored)."""
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: format_metric(row.get(k)) for k in columns})
+        atomic_write_text(self.path / "metrics.csv", out.getvalue())
+
+    def retain(self, last: Path, name: str, keep: int) -> None:
+        """Keep a copy of ``last`` as ``name`` and only the ``keep`` most recent such copies."""
+        atomic_copy(last, self.path / name)
+        pattern = "epoch_*.pth" if name.startswith("epoch_") else "iter_*.pth"
+        for old in sorted(self.path.glob(pattern))[:-keep]:
+            old.unlink(missing_ok=True)

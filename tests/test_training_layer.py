@@ -1,0 +1,174 @@
+"""The shared training layer (rmt.training) piece by piece: processes and devices, precision, the
+optimizer step's host synchronisation, the config mechanism, atomic files."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from rmt.classification import ClassificationConfig
+from rmt.detection.config import DetConfig
+from rmt.errors import RMTError
+from rmt.segmentation.config import SegConfig
+from rmt.training import distributed, load_config
+from rmt.training.checkpoint import Progress, RunCheckpoint, read_run_checkpoint
+from rmt.training.config import bundled_configs, resolve_config
+from rmt.training.files import atomic_save, atomic_write_text
+from rmt.training.precision import amp_dtype, configure_float32, describe_precision
+from rmt.training.run import RoundSpec, TrainingRun
+
+
+# ------------------------------------------------------------------------------- processes
+def test_collectives_take_device_tensors_under_nccl(monkeypatch):
+    """NCCL reduces CUDA tensors only: a CPU float64 tensor (the loss sums, a confusion matrix) must reach
+    it on the GPU. Simulated without a GPU: fake CUDA tensors and an all_reduce that checks the device."""
+    seen = []
+
+    def all_reduce(tensor, op=None):
+        if tensor.device.type != "cuda":
+            raise RuntimeError("No backend type associated with device type cpu")  # what NCCL says
+        seen.append(tensor.device)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    info = distributed.DistInfo(rank=1, world_size=2, local_rank=1, backend="nccl")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        distributed.all_reduce_sum(torch.zeros(2, dtype=torch.float64), info)
+    assert seen == [torch.device("cuda", 1)]
+    assert distributed.comm_device(distributed.DistInfo(0, 2, 0, "gloo")) == torch.device("cpu")
+
+
+def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set_device", index))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.setdefault("init", kwargs))
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    info = distributed.init_distributed("cuda")
+    assert info == distributed.DistInfo(1, 2, 1, "nccl")
+    assert calls["set_device"] == 1
+    assert calls["init"] == {"backend": "nccl", "device_id": torch.device("cuda", 1)}
+
+
+# ------------------------------------------------------------------------------- precision
+def test_amp_choice_and_tf32(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("auto", cuda) is torch.bfloat16
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(RMTError, match="fp16 autocast needs CUDA"):
+        amp_dtype("fp16", cpu)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    configure_float32(cpu, None)
+    assert not torch.backends.cuda.matmul.allow_tf32  # nothing changes for the CPU
+    configure_float32(cuda, torch.bfloat16)
+    assert not torch.backends.cuda.matmul.allow_tf32  # nor under autocast
+    configure_float32(cuda, None)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert describe_precision(cuda, None) == "float32 (TF32 matmuls)"
+    assert describe_precision(cpu, torch.bfloat16) == "bf16 autocast"
+
+
+# ------------------------------------------------------------------------------- the optimizer step
+_HOST = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,
+         torch.Tensor.tolist, torch.Tensor.__index__}
+
+
+class _NoHostSync(torch.Tensor):
+    """A loss whose value must not be copied to the host (what a CUDA synchronisation would be)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _HOST:
+            raise AssertionError(f"the step synchronised with the host: {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _run(tmp_path, **overrides):
+    cfg = load_config(ClassificationConfig, "digits", dict(output=str(tmp_path / "run"), log_interval=1000,
+                                                           **overrides))
+    return TrainingRun(cfg, task="classification", spec=RoundSpec("top1", ["epoch"], ["top1"]),
+                       default_output="", command="rmt train")
+
+
+def test_optimizer_steps_do_not_synchronise_with_the_host(tmp_path):
+    with _run(tmp_path, accum_steps=2) as run:
+        model = nn.Linear(4, 2)
+        run.begin(model, torch.optim.AdamW(model.parameters()), meta=dict(model="x", class_names=["a", "b"]))
+        for step in range(6):
+            run._completes_update = step % 2 == 1
+            loss = model(torch.randn(3, 4)).square().mean().as_subclass(_NoHostSync)
+            run.backward(loss, count=3)
+        assert run.progress.iteration == 3
+        # the host learns of a bad loss at log intervals and before saves, not at every step
+        run._first_bad = run._first_bad.as_subclass(torch.Tensor)
+        run._check_finite()
+
+
+def test_a_non_finite_loss_is_found_at_the_check_and_named(tmp_path):
+    from rmt.errors import NonFiniteLossError
+
+    with _run(tmp_path) as run:
+        model = nn.Linear(4, 2)
+        run.begin(model, torch.optim.SGD(model.parameters(), lr=0.1), meta=dict(model="x", class_names=["a", "b"]))
+        for step, value in enumerate([1.0, float("nan"), 2.0]):
+            run.progress.step = step + 1
+            run.backward(model(torch.randn(1, 4)).sum() * value)
+        with pytest.raises(NonFiniteLossError, match="not finite at epoch 1, step 2;"):
+            run._check_finite()
+
+
+# ------------------------------------------------------------------------------- configs
+def test_one_config_mechanism_for_every_task(tmp_path):
+    assert "digits" in bundled_configs(ClassificationConfig) and "det_shapes" not in bundled_configs(DetConfig)
+    assert {"shapes", "mask_rcnn_1x"} <= set(bundled_configs(DetConfig))
+    assert resolve_config(DetConfig, "det_mask_rcnn_3x").name == "mask_rcnn_3x.yaml"  # the older names work
+    assert resolve_config(SegConfig, "seg_upernet_160k").parent.name == "segmentation"
+    # a base: relative to the file naming it
+    (tmp_path / "base.yaml").write_text("epochs: 7\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nbatch_size: 3\n")
+    cfg = load_config(DetConfig, str(tmp_path / "child.yaml"))
+    assert (cfg.epochs, cfg.batch_size) == (7, 3)
+    for cls in (ClassificationConfig, DetConfig, SegConfig):
+        for key, value, message in (("batch_size", 0, "batch_size must be positive"),
+                                    ("lr", float("nan"), "lr must be a finite number"),
+                                    ("amp", "fp8", "amp must be one of"),
+                                    ("keep_checkpoints", -1, "must not be negative")):
+            with pytest.raises(RMTError, match=message):
+                load_config(cls, None, {key: value})
+
+
+def test_the_run_checkpoint_schema_round_trips(tmp_path):
+    model = nn.Linear(2, 2)
+    ckpt = RunCheckpoint(meta=dict(task="segmentation", model="rmt_t", class_names=["a"], config={}),
+                         model=model.state_dict(), optimizer={}, progress=Progress(epoch=2, step=3, iteration=9),
+                         history=[{"iteration": 9, "mIoU": 1.0}], ranks=[{"loss_sum": 1.0}], world_size=1)
+    path = atomic_save(ckpt.to_dict(), tmp_path / "last.pth")
+    back = read_run_checkpoint(path, task="segmentation")
+    assert back.progress == ckpt.progress and back.history == ckpt.history and back.meta == ckpt.meta
+    with pytest.raises(RMTError, match="is a segmentation checkpoint, not a detection one"):
+        read_run_checkpoint(path, task="detection")
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "other.pth")
+    with pytest.raises(RMTError, match="not a training checkpoint of this tool"):
+        read_run_checkpoint(tmp_path / "other.pth")
+
+
+def test_atomic_text_keeps_mode_and_replaces(tmp_path):
+    path = atomic_write_text(tmp_path / "a" / "b.txt", "one")
+    atomic_write_text(path, "two")
+    assert path.read_text() == "two" and [p.name for p in path.parent.iterdir()] == ["b.txt"]
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())
+    with pytest.raises(RMTError, match="is a file, not a directory"):
+        atomic_write_text(Path(path) / "c.txt", "x")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
