@@ -7,9 +7,9 @@ import torch
 
 import rmt  # noqa: F401  registers the models
 from golden import TINY_CASES, load_golden, official_state_dict, save_official_checkpoint
+from rmt.files import atomic_save
 from rmt.models.weights import save_weights
 from rmt.training.checkpoint import Progress, RunCheckpoint
-from rmt.training.files import atomic_save
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

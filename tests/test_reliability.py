@@ -17,9 +17,9 @@ from rmt.classification import ClassificationConfig, train
 from rmt.cli import main
 from rmt.data import DigitsDataset, ImageFolderDataset
 from rmt.errors import NonFiniteLossError, RMTError
+from rmt.files import WriteError, atomic_save
 from rmt.training import load_config
 from rmt.training.checkpoint import read_run_checkpoint
-from rmt.training.files import WriteError, atomic_save
 
 TINY = dict(max_train_samples=96, max_val_samples=32, img_size=16, batch_size=16, epochs=2, warmup_epochs=1)
 

@@ -12,11 +12,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from rmt.classification import ClassificationConfig
 from rmt.detection.config import DetConfig
 from rmt.errors import RMTError
+from rmt.files import atomic_save, atomic_write_text
 from rmt.segmentation.config import SegConfig
 from rmt.training import distributed, load_config
 from rmt.training.checkpoint import Progress, RunCheckpoint, read_run_checkpoint
 from rmt.training.config import bundled_configs, resolve_config
-from rmt.training.files import atomic_save, atomic_write_text
 from rmt.training.precision import amp_dtype, configure_float32, describe_precision
 from rmt.training.run import RoundSpec, TrainingRun
 

@@ -24,9 +24,9 @@ from torchvision.transforms import v2
 from ..data.folder import BadSample, ImageFolderDataset, collate_skip_bad
 from ..data.token_label import label_path, write_label_map
 from ..errors import RMTError
+from ..files import atomic_write
 from ..models.factory import create_model, list_models
 from ..training.distributed import resolve_device
-from ..training.files import atomic_write
 from ..training.run import progress_bar
 
 __all__ = ["generate_token_labels", "dense_teacher_logits", "build_teacher"]

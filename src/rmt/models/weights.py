@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import RMTError
+from ..files import atomic_write
 
 __all__ = [
     "CheckpointError", "CheckpointMismatchError", "read_checkpoint", "open_checkpoint", "read_state_dict",
@@ -193,12 +194,12 @@ def read_weights(path: str | os.PathLike, task: Optional[str] = None) -> Tuple[D
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``model``'s state dict as safetensors; ``metadata`` values are stored as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``model``'s state dict as safetensors, atomically (rmt.files); ``metadata`` values are
+    stored as JSON (see :data:`METADATA_KEYS`)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    return path
+    text = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=text),
+                        size=lambda: sum(v.numel() * v.element_size() for v in state.values()))
 
 
 def load_matching_weights(model: torch.nn.Module, path: str | os.PathLike, prefix: str = "",

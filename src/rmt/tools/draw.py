@@ -19,7 +19,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..data.image import BadImageError, load_rgb
 from ..errors import RMTError
-from ..training.files import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 __all__ = ["palette", "draw_detections", "draw_segmentation", "picture_paths", "images_to_draw", "save_picture"]
 

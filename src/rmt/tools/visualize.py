@@ -43,8 +43,8 @@ from torch import nn
 
 from ..data.image import BadImageError
 from ..errors import RMTError
+from ..files import atomic_write_bytes
 from ..models.masa import MaSA, MaSATables, _rotate
-from ..training.files import atomic_write_bytes
 
 __all__ = [
     "StageAttention",

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
 import yaml
 
 from ..errors import RMTError, did_you_mean
-from .files import atomic_write_text
+from ..files import atomic_write_text
 
 __all__ = ["CONFIG_DIR", "RunConfig", "DenseRunConfig", "option", "load_config", "config_from_dict", "save_config",
            "bundled_configs", "resolve_config", "add_config_flags", "flag_overrides", "config_from_flags",

@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 from ..data.sampling import ResumableSampler, SeededDataset
 from ..errors import NonFiniteLossError, RMTError, RunInterrupted
+from ..files import atomic_save
 from ..models.weights import save_weights
 from .checkpoint import Progress, RunCheckpoint, read_run_checkpoint
 from .config import RunConfig, save_config
@@ -80,7 +81,6 @@ from .distributed import (
     init_distributed,
     resolve_device,
 )
-from .files import atomic_save, atomic_write
 from .precision import amp_dtype, autocast, configure_float32, describe_precision
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunDirectory, plot_curves
@@ -529,7 +529,7 @@ class TrainingRun:
                 atomic_save(state, self.output / "best.pth")
                 metrics = {k: row[k] for k in (self.spec.unit, self.spec.metric) if k in row}
                 meta = dict(self.meta, metrics=metrics)
-                atomic_write(self.output / "model.safetensors", lambda tmp: save_weights(self.model, tmp, meta))
+                save_weights(self.model, self.output / "model.safetensors", meta)
             last = atomic_save(state, self.output / "last.pth")
             if self.cfg.keep_checkpoints > 0:
                 label = "epoch" if self.spec.unit == "epoch" else "iter"

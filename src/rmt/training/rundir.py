@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import RMTError
-from .files import atomic_copy, atomic_write, atomic_write_text
+from ..files import atomic_copy, atomic_write, atomic_write_text
 
 __all__ = ["RunDirectory", "RUN_FILES", "format_metric", "read_metrics_csv", "plot_curves"]
 

@@ -1,4 +1,5 @@
-"""Writing files so that a failure never leaves a half-written one.
+"""Writing files so that a failure never leaves a half-written one (for every layer of the package:
+weights files, run directories, exports, pictures).
 
 Every file a command writes -- checkpoints, weights, exports, pictures, CSV, JSON -- goes through
 :func:`atomic_write`: the content is written to a temporary file in the target's directory, flushed
@@ -19,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..errors import RMTError
+from .errors import RMTError
 
 __all__ = ["WriteError", "atomic_write", "atomic_save", "atomic_copy", "atomic_write_bytes", "atomic_write_text"]
 
