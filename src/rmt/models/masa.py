@@ -4,8 +4,11 @@ The network talks to this module through two objects only:
 
 * :class:`RelPos2d` -- one per stage. Holds the rotation angles and per-head decay rates (the
   official ``Relpos.angle`` / ``Relpos.decay`` buffers) and turns them into the tables a
-  resolution needs (:class:`MaSATables`), cached per resolution, device and dtype.
+  resolution needs (:class:`MaSATables`), kept in a small LRU cache.
 * :class:`MaSA` -- ``(B, h, w, C) -> (B, h, w, C)`` given those tables; full or decomposed.
+
+Both have plain-PyTorch forms beside their fast paths, taken under TorchScript, FX symbolic tracing
+and on meta tensors (timm's FX tracer keeps them as leaves instead, see :mod:`rmt.models.rmt`).
 
 Everything about how the attention is computed lives behind those two, so a faster kernel can
 replace the internals without touching the network.
@@ -18,15 +21,18 @@ Speed notes (why the code looks the way it does):
 * the decomposed passes batch rows as ``(B*h, heads, w, d)`` and columns as ``(B, w*heads, h, d)``,
   so both are 4-D calls (the fused CPU flash kernel needs 4-D inputs and a 4-D mask; anything else
   silently takes the slow math path);
-* the decay biases and rotation tables depend only on the resolution, so they are built once;
+* the decay biases and rotation tables depend only on the resolution, so they are built once
+  per size and kept;
 * on the CPU, passes over rows of at most 32 tokens run in a compiled kernel made for short rows
   (:mod:`rmt.models.fast.kernel`), 3x faster than the flash kernel at 14 tokens (1.6x with backward).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -57,10 +63,24 @@ class MaSATables(NamedTuple):
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype attention will run in: the autocast dtype when autocast is on, else ``x``'s."""
+    if torch.jit.is_scripting():  # TorchScript has no autocast queries; scripted models run in x's dtype
+        return x.dtype
     device_type = x.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+def _plain_ops_only(x: torch.Tensor) -> bool:
+    """Whether ``x`` carries no values for a fast path to work on: a symbolic value of an FX trace
+    (the graph must record plain ops) or a meta tensor (shapes only).
+
+    (Scripting is tested with ``torch.jit.is_scripting()`` at the call site, where TorchScript
+    resolves it before compiling the branches.)
+    """
+    if torch.jit.is_scripting():
+        return False
+    return isinstance(x, torch.fx.Proxy) or x.is_meta
 
 
 class RelPos2d(nn.Module):
@@ -68,69 +88,124 @@ class RelPos2d(nn.Module):
 
     ``angle``: ``1 / 10000 ** linspace(0, 1, d/2)``, each value repeated twice (interleaved).
     ``decay``: ``log(1 - 2 ** (-init_value - heads_range * t / n))`` for head ``t``.
+
+    Both stay in float32 (float64 after ``.double()``) when the model is converted to float16 or
+    bfloat16: positions up to ``h * w`` times these angles need float32 to land within a fraction
+    of a radian. Tables are always computed in that precision and cast to the dtype attention runs
+    in.
+
+    Tables are kept in a small LRU cache (:attr:`cache_size` entries) keyed on the grid size, dtype,
+    device and whether inference mode is on (inference-mode tensors cannot be used by autograd
+    later). Changing the buffers in place (``load_state_dict``, an EMA update), replacing them or
+    moving the module (``.to()``) empties it.
     """
+
+    cache_size: int = 4
+    """Tables kept per stage. A size change (detection batches, whole-image segmentation) costs a
+    rebuild; a full-attention table at 800x1216 is hundreds of MiB, so the cache is kept small."""
+
+    __jit_ignored_attributes__ = ("_cache", "_cache_source")  # TorchScript skips these (eager cache)
 
     def __init__(self, dim: int, num_heads: int, init_value: float, heads_range: float, decomposed: bool):
         super().__init__()
         key_dim = dim // num_heads
-        base = 1.0 / (10000 ** torch.linspace(0, 1, key_dim // 2))
+        dtype = _table_dtype(torch.get_default_dtype())
+        base = 1.0 / (10000 ** torch.linspace(0, 1, key_dim // 2, dtype=dtype))
         self.register_buffer("angle", base.repeat_interleave(2))
-        heads = torch.arange(num_heads, dtype=torch.float)
+        heads = torch.arange(num_heads, dtype=dtype)
         self.register_buffer("decay", torch.log(1 - 2 ** (-init_value - heads_range * heads / num_heads)))
         self.num_heads = num_heads
         self.decomposed = decomposed
-        self._cache: dict = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_source: Optional[tuple] = None
 
     def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
         """Tables for an ``h x w`` token grid, on ``x``'s device, in the dtype attention runs in."""
+        if torch.jit.is_scripting() or _plain_ops_only(x):  # built in the graph, no cache
+            return self._build(h, w, x.dtype)
         dtype = _compute_dtype(x)
-        if tracing():  # tables are built in the traced graph (real arithmetic), so exports take any size
+        if tracing():  # compiled/exported graphs build them too, so exports take any size
             return self._build(h, w, dtype)
-        # the buffers' versions are in the key: loading new values into them invalidates the tables
-        key = (h, w, dtype, self.angle.device, self.angle._version, self.decay._version)
+        return self._cached(h, w, dtype)
+
+    @torch.jit.unused
+    def _cached(self, h: int, w: int, dtype: torch.dtype) -> MaSATables:
+        angle, decay = self.angle, self.decay
+        source = (angle, decay, _version(angle), _version(decay))
+        if self._cache_source is None or self._cache_source[0] is not angle or self._cache_source[1] is not decay \
+                or self._cache_source[2:] != source[2:]:
+            self._cache.clear()  # the buffers were replaced or changed in place: every table is stale
+            self._cache_source = source
+        key = (h, w, dtype, angle.device, torch.is_inference_mode_enabled())
         tables = self._cache.get(key)
-        if tables is None:
-            tables = self._build(h, w, dtype)
+        if tables is not None:
+            self._cache.move_to_end(key)
+            return tables
+        tables = self._build(h, w, dtype)
+        if dtype in (torch.float32, torch.float64):
+            tables = tables._replace(phase=torch.complex(tables.cos[..., ::2], tables.sin[..., 1::2]).contiguous())
+        if self.cache_size > 0:
             self._cache[key] = tables
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return tables
 
     def _apply(self, fn, recurse=True):
-        self._cache = {}  # .to()/.double()/... make new buffers: drop the tables built from the old ones
-        return super()._apply(fn, recurse)
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype in (torch.float16, torch.bfloat16) \
+                    and new.dtype != old.dtype:
+                # keep the tables' source precision (see the class doc); meta tensors have no values to keep
+                self._buffers[name] = (new if old.is_meta else old).to(new.device, _table_dtype(old.dtype))
+        self._cache.clear()  # new buffers: the tables built from the old ones are stale
+        self._cache_source = None
+        return self
 
-    @torch.no_grad()
+    def __getstate__(self):
+        state = super().__getstate__()
+        return dict(state, _cache=OrderedDict(), _cache_source=None)  # copies and pickles carry no tables
+
     def _build(self, h: int, w: int, dtype: torch.dtype) -> MaSATables:
-        angle, decay = self.angle, self.decay
+        """The tables, computed in the buffers' precision (float32 or float64) and cast to ``dtype``."""
+        work = _table_dtype(self.angle.dtype)
+        angle, decay = self.angle.to(work), self.decay.to(work)
         # the same float ops as the reference, so the tables match it bit for bit
-        position = torch.arange(h * w, device=angle.device).to(angle)  # row-major token index
+        position = torch.arange(h * w, device=angle.device).to(work)  # row-major token index
         phase = position[:, None] * angle[None, :]
-        signs = torch.tensor([-1.0, 1.0], device=angle.device, dtype=angle.dtype).repeat(angle.numel() // 2)
-        cos = phase.cos().unflatten(0, (h, w))[:, :, None]
-        sin = (phase.sin() * signs).unflatten(0, (h, w))[:, :, None]
+        signs = torch.tensor([-1.0, 1.0], device=angle.device, dtype=work).repeat(angle.shape[0] // 2)
+        cos = phase.cos().reshape(h, w, 1, -1)
+        sin = (phase.sin() * signs).reshape(h, w, 1, -1)
         n = self.num_heads
+        bias_h: Optional[torch.Tensor] = None
         if self.decomposed:
-            bias = self._distance_1d(w)[None]
-            bias_h = self._distance_1d(h).expand(w, n, h, h).flatten(0, 1)[None]
+            bias = _distance_1d(w, decay)[None]
+            bias_h = _distance_1d(h, decay).expand(w, n, h, h).reshape(1, w * n, h, h).to(dtype).contiguous()
         else:
-            rows = torch.arange(h, device=decay.device).to(decay).repeat_interleave(w)
-            cols = torch.arange(w, device=decay.device).to(decay).repeat(h)
+            rows = torch.arange(h, device=decay.device).to(work).repeat_interleave(w)
+            cols = torch.arange(w, device=decay.device).to(work).repeat(h)
             manhattan = (rows[:, None] - rows[None, :]).abs() + (cols[:, None] - cols[None, :]).abs()
-            bias, bias_h = (manhattan * decay[:, None, None])[None], None
-
-        def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.to(dtype).contiguous()
-
-        phase = None
-        if dtype in (torch.float32, torch.float64) and not tracing():
-            phase = torch.complex(cos[..., ::2].to(dtype), sin[..., 1::2].to(dtype)).contiguous()
-        return MaSATables(cast(cos), cast(sin), cast(bias), cast(bias_h), phase)
-
-    def _distance_1d(self, length: int) -> torch.Tensor:
-        index = torch.arange(length, device=self.decay.device).to(self.decay)
-        return (index[:, None] - index[None, :]).abs() * self.decay[:, None, None]
+            bias = (manhattan * decay[:, None, None])[None]
+        return MaSATables(cos.to(dtype).contiguous(), sin.to(dtype).contiguous(), bias.to(dtype).contiguous(), bias_h)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, decomposed={self.decomposed}"
+
+
+def _table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision tables are computed in: float64 if given, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors have no version counter
+
+
+def _distance_1d(length: int, decay: torch.Tensor) -> torch.Tensor:
+    """``|i - j| * decay[head]``, ``(heads, length, length)``."""
+    index = torch.arange(length, device=decay.device).to(decay)
+    return (index[:, None] - index[None, :]).abs() * decay[:, None, None]
 
 
 class TokenConv(nn.Module):
@@ -145,19 +220,34 @@ class TokenConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
         self.residual = residual
+        centre = None
         if residual:
             centre = torch.zeros(1, 1, kernel_size, kernel_size)
             centre[..., kernel_size // 2, kernel_size // 2] = 1.0
-            self.register_buffer("centre", centre, persistent=False)
+        self.register_buffer("centre", centre, persistent=False)
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """``conv(x)`` (``x + conv(x)`` with ``residual``); ``gelu=True`` convolves ``gelu(x)`` instead."""
+        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors
+            return self._forward_plain(x, gelu)
         weight = self.conv.weight + self.centre if self.residual else self.conv.weight
         nchw = x.permute(0, 3, 1, 2)
         if gelu:
             y = gelu_dwconv(nchw, weight, self.conv.bias, self.conv.padding)
         else:
             y = F.conv2d(nchw, weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+        return y.permute(0, 2, 3, 1)
+
+    def _forward_plain(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """:meth:`forward` in plain ops, for TorchScript and FX graphs."""
+        weight = self.conv.weight
+        centre = self.centre
+        if centre is not None:
+            weight = weight + centre
+        nchw = x.permute(0, 3, 1, 2)
+        if gelu:
+            nchw = F.gelu(nchw)
+        y = F.conv2d(nchw, weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
         return y.permute(0, 2, 3, 1)
 
 
@@ -171,6 +261,21 @@ def _rotate(x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
         return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * tables.phase).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return torch.addcmul(x * tables.cos, swapped, tables.sin)
+
+
+def _rotate_plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`_rotate` in real arithmetic only: ``x cos + swap_pairs(x) sin`` over ``(B, h, w, n, d)``."""
+    b, h, w, n, d = x.shape
+    return x * cos + x.reshape(b, h, w, n, d // 2, 2).flip(-1).reshape(b, h, w, n, d) * sin
+
+
+def _scale_add(y: torch.Tensor, scale: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``residual + scale * y`` with either left out when ``None``: the plain form of the fused epilogues."""
+    if scale is not None:
+        y = scale * y
+    if residual is not None:
+        y = residual + y
+    return y
 
 
 class MaSA(nn.Module):
@@ -199,6 +304,13 @@ class MaSA(nn.Module):
     def forward(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """MaSA of ``x``; with ``residual``/``scale`` given, ``residual + scale * MaSA(x)`` (fused where it can be)."""
+        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors
+            return self._forward_plain(x, tables, residual, scale)
+        return self._forward_fast(x, tables, residual, scale)
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,
+                      scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, h, w, c = x.shape
         n, d = self.num_heads, self.key_dim
         q, k, v = fused_linear(x, self.qkv).split(c, dim=-1)
@@ -218,6 +330,36 @@ class MaSA(nn.Module):
         # so `.contiguous()` copies nothing here; it is for tracers, whose kernel stand-ins report
         # another layout (and flatten/unflatten with -1 keep symbolic shapes provable for export)
         return fused_linear(out.flatten(-2) + lepe, self.out_proj, scale=scale, residual=residual)
+
+    def _forward_plain(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor],
+                       scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` in plain PyTorch ops (real rotation, ``scaled_dot_product_attention``), for
+        TorchScript and FX graphs; equal to the fast paths up to float rounding."""
+        b, h, w, c = x.shape
+        n, d = self.num_heads, self.key_dim
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:]
+        lepe = self.lepe(v)
+        q = _rotate_plain(q.reshape(b, h, w, n, d), tables.cos, tables.sin)
+        k = _rotate_plain(k.reshape(b, h, w, n, d), tables.cos, tables.sin)
+        v = v.reshape(b, h, w, n, d)
+        if self.decomposed:
+            bias_h = tables.bias_h
+            assert bias_h is not None
+            # along each row: (b*h, n, w, d)
+            rows = [t.reshape(b * h, w, n, d).transpose(1, 2) for t in [q, k, v]]
+            v = F.scaled_dot_product_attention(rows[0], rows[1], rows[2], attn_mask=tables.bias, scale=self.scale)
+            v = v.transpose(1, 2).reshape(b, h, w, n, d)
+            # along each column, on the row pass's output; columns and heads share a dimension: (b, w*n, h, d)
+            cols = [t.permute(0, 2, 3, 1, 4).reshape(b, w * n, h, d) for t in [q, k, v]]
+            out = F.scaled_dot_product_attention(cols[0], cols[1], cols[2], attn_mask=bias_h, scale=self.scale)
+            out = out.reshape(b, w, n, h, d).permute(0, 3, 1, 2, 4).reshape(b, h, w, c)
+        else:
+            tokens = [t.reshape(b, h * w, n, d).transpose(1, 2) for t in [q, k, v]]  # (b, n, hw, d)
+            out = F.scaled_dot_product_attention(tokens[0], tokens[1], tokens[2], attn_mask=tables.bias,
+                                                 scale=self.scale)
+            out = out.transpose(1, 2).reshape(b, h, w, c)
+        return _scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
 
     def _decomposed(self, q, k, v, tables: MaSATables) -> torch.Tensor:
         b, h, w, n, d = q.shape

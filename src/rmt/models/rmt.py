@@ -13,8 +13,9 @@ Module names follow the official code, so official state dicts map onto this mod
 changes, made by :func:`checkpoint_filter_fn`: ``q_proj``/``k_proj``/``v_proj`` are fused into
 ``qkv`` and ``Relpos`` is spelt ``relpos``.
 """
-from __future__ import annotations
-
+# No postponed annotations here: FX copies the signature of RMT.forward into the graph's code, which
+# TorchScript then compiles, and it cannot resolve annotations left as strings.
+import contextlib
 import logging
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models import load_pretrained as timm_load_pretrained
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .fast.ops import fused_linear
-from .masa import MaSA, MaSATables, RelPos2d, TokenConv
+from .masa import MaSA, MaSATables, RelPos2d, TokenConv, _plain_ops_only, _scale_add
 from .weights import (
     CheckpointError,
     CheckpointMismatchError,
@@ -59,11 +60,22 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors: plain ops
+            hidden = self.dwconv(F.linear(x, self.fc1.weight, self.fc1.bias), gelu=True)
+            return _scale_add(F.linear(hidden, self.fc2.weight, self.fc2.bias), scale, residual)
         if torch.is_grad_enabled():  # GELU goes with the conv, which then stores only its input
             hidden = self.dwconv(fused_linear(x, self.fc1), gelu=True)
         else:  # inference: GELU rides on fc1's matmul
             hidden = self.dwconv(fused_linear(x, self.fc1, gelu=True))
         return fused_linear(hidden, self.fc2, scale=scale, residual=residual)
+
+
+# FX: timm's tracer (``create_feature_extractor`` with timm's leaf list, ``features_only`` with
+# ``feature_cls='fx'``) calls these as leaves, so the graph runs their fast paths and the table cache;
+# traced without that list they record their plain ops.
+register_notrace_module(RelPos2d)
+register_notrace_module(MaSA)
+register_notrace_module(FFN)
 
 
 class RMTBlock(nn.Module):
@@ -116,10 +128,12 @@ class Downsample(nn.Module):
 
 
 class RMTStage(nn.Module):
-    """The blocks of one stage, sharing one set of MaSA tables.
+    """The blocks of one stage, sharing one set of MaSA tables, and the downsample to the next stage.
 
-    ``forward`` returns the stage output *before* ``downsample``, which the network applies
-    afterwards (dense-prediction features are taken in between).
+    ``forward`` takes tokens ``(B, h, w, C)`` and returns the stage output as an NCHW view (the
+    feature map that dense prediction takes) and the tokens for the next stage (the output
+    downsampled; the output itself where there is no downsample). The NCHW view is the stage's
+    last operation, so FX feature extraction finds the stage output under the stage's name.
     """
 
     def __init__(
@@ -143,14 +157,15 @@ class RMTStage(nn.Module):
         self.downsample = Downsample(dim, out_dim) if out_dim is not None else None
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         tables = self.relpos(x.shape[1], x.shape[2], x)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, tables, use_reentrant=False)
             else:
                 x = block(x, tables)
-        return x
+        tokens = x if self.downsample is None else self.downsample(x)
+        return x.permute(0, 3, 1, 2), tokens
 
 
 class PatchEmbed(nn.Module):
@@ -199,7 +214,9 @@ class RMT(nn.Module):
         token_label: the token-labelling model (``aux_head`` on every final token; in train mode
             MixToken and ``(logits, aux_logits, box)`` outputs; in eval mode
             ``logits + 0.5 * max_tokens(aux_logits)``).
-        global_pool: only ``"avg"``.
+        global_pool: ``"avg"`` (the classifier's input is the projected tokens' mean) or ``""``
+            (no pooling: :meth:`forward_head` returns per-position outputs, see there).
+        device, dtype: where and in which dtype to create the parameters (timm's factory arguments).
     """
 
     def __init__(
@@ -219,6 +236,8 @@ class RMT(nn.Module):
         drop_path_rate: float = 0.0,
         token_label: bool = False,
         global_pool: str = "avg",
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -241,31 +260,34 @@ class RMT(nn.Module):
         self.num_features = embed_dims[-1]
         self.head_hidden_size = projection
         self.grad_checkpointing = False
-
-        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        self.layers = nn.ModuleList()
-        self.feature_info = []
-        for i in range(num_stages):
-            first = sum(depths[:i])
-            self.layers.append(RMTStage(
-                dim=embed_dims[i],
-                out_dim=embed_dims[i + 1] if i < num_stages - 1 else None,
-                depth=depths[i],
-                num_heads=num_heads[i],
-                init_value=init_values[i],
-                heads_range=heads_ranges[i],
-                mlp_ratio=mlp_ratios[i],
-                decomposed=decomposed[i],
-                drop_path=dpr[first:first + depths[i]],
-                layer_scale_init=layer_init_values if layer_scale[i] else None,
-            ))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"layers.{i}"))
-        self.proj = nn.Linear(embed_dims[-1], projection)
-        self.norm = nn.BatchNorm2d(projection)
-        self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = nn.Linear(embed_dims[-1], num_classes) if token_label and num_classes > 0 else None
-        self.apply(self._init_weights)
+        # timm's factory passes device (e.g. 'meta' for a structure check) and dtype: build in place
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+            dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+            self.layers = nn.ModuleList()
+            self.feature_info = []
+            for i in range(num_stages):
+                first = sum(depths[:i])
+                self.layers.append(RMTStage(
+                    dim=embed_dims[i],
+                    out_dim=embed_dims[i + 1] if i < num_stages - 1 else None,
+                    depth=depths[i],
+                    num_heads=num_heads[i],
+                    init_value=init_values[i],
+                    heads_range=heads_ranges[i],
+                    mlp_ratio=mlp_ratios[i],
+                    decomposed=decomposed[i],
+                    drop_path=dpr[first:first + depths[i]],
+                    layer_scale_init=layer_init_values if layer_scale[i] else None,
+                ))
+                self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"layers.{i}"))
+            self.proj = nn.Linear(embed_dims[-1], projection)
+            self.norm = nn.BatchNorm2d(projection)
+            self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
+            self.aux_head = nn.Linear(embed_dims[-1], num_classes) if token_label and num_classes > 0 else None
+            self.apply(self._init_weights)
+        if dtype is not None:
+            self.to(dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -277,9 +299,9 @@ class RMT(nn.Module):
             nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _check_pool(global_pool: Optional[str]) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"RMT pools with 'avg' only, got global_pool={global_pool!r}")
+    def _check_pool(global_pool: str) -> None:
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"RMT pools with 'avg' or not at all (''), got global_pool={global_pool!r}")
 
     # ----------------------------------------------------------------------------- timm API
     @torch.jit.ignore
@@ -312,31 +334,35 @@ class RMT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self._check_pool(global_pool)
+        """A new classifier for ``num_classes`` (none for 0); ``global_pool`` ``"avg"`` or ``""``, kept if None.
+
+        The new layers take the model's device, dtype and train/eval mode.
+        """
+        if global_pool is not None:
+            self._check_pool(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        device = self.proj.weight.device
-        self.head = nn.Linear(self.head_hidden_size, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        like = next(self.parameters())
+        factory = {"device": like.device, "dtype": like.dtype}
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **factory) if num_classes > 0 else nn.Identity()
         self.aux_head = None
         if self.token_label and num_classes > 0:
-            self.aux_head = nn.Linear(self.num_features, num_classes, device=device)
+            self.aux_head = nn.Linear(self.num_features, num_classes, **factory)
         for m in (self.head, self.aux_head):
             if m is not None:
                 self._init_weights(m)
+                m.train(self.training)
 
     # ----------------------------------------------------------------------------- forward
     def _forward_stages(self, tokens: torch.Tensor, last: int, take: Sequence[int] = ()):
-        """Run stages ``0..last``; return the last one's output and those of the stages in ``take``.
-
-        Outputs are taken before each stage's downsample.
-        """
-        taken = []
+        """Run stages ``0..last`` on stem tokens; return the last one's output and those of the stages in
+        ``take`` (NCHW views, taken before each stage's downsample)."""
+        features, taken = tokens, []
         for i, stage in enumerate(self.layers[: last + 1]):
-            if i > 0:
-                tokens = self.layers[i - 1].downsample(tokens)
-            tokens = stage(tokens)
+            features, tokens = stage(tokens)
             if i in take:
-                taken.append(tokens)
-        return tokens, taken
+                taken.append(features)
+        return features, taken
 
     def forward_intermediates(
         self,
@@ -360,12 +386,12 @@ class RMT(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         last = max_index if stop_early or intermediates_only else len(self.layers) - 1
-        tokens, intermediates = self._forward_stages(self.patch_embed(x), last, take_indices)
-        if output_fmt == "NCHW":
-            intermediates = [t.permute(0, 3, 1, 2) for t in intermediates]
+        features, intermediates = self._forward_stages(self.patch_embed(x), last, take_indices)
+        if output_fmt == "NHWC":
+            intermediates = [t.permute(0, 2, 3, 1) for t in intermediates]
         if intermediates_only:
             return intermediates
-        return tokens.permute(0, 3, 1, 2), intermediates
+        return features, intermediates
 
     def prune_intermediate_layers(
         self,
@@ -378,37 +404,59 @@ class RMT(nn.Module):
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = None
         if prune_head or max_index < len(self.feature_info) - 1:
-            self.num_features = self.feature_info[max_index]["num_chs"]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             self.token_label = False
             self.proj = self.norm = None
             self.head, self.aux_head, self.num_classes = nn.Identity(), None, 0
+            self.global_pool = ""  # as timm's models: a pruned model's forward returns its last feature map
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, in_chans, H, W)`` -> last stage ``(B, C3, H/32, W/32)`` (NCHW view)."""
-        tokens, _ = self._forward_stages(self.patch_embed(x), len(self.layers) - 1)
-        return tokens.permute(0, 3, 1, 2)
+        tokens = self.patch_embed(x)
+        features = tokens
+        for stage in self.layers:
+            features, tokens = stage(tokens)
+        return features
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Last-stage features ``(B, C3, h, w)`` -> logits (or the pooled ``projection`` features).
+        """Last-stage features ``(B, C3, h, w)`` -> logits ``(B, num_classes)``.
 
+        The head projects every token (``proj`` + BN + swish, ``head_hidden_size`` channels), averages
+        them and classifies; ``pre_logits=True`` returns the averaged projection ``(B, head_hidden_size)``.
         With ``token_label`` the logits are ``head + 0.5 * max over tokens of aux_head``, the
         reference's evaluation output.
+
+        With ``global_pool=""`` nothing is pooled: ``pre_logits=True`` (or ``num_classes=0``) gives the
+        projected map ``(B, head_hidden_size, h, w)``, otherwise per-position logits ``(B, num_classes, h, w)``
+        (``head + 0.5 * aux_head`` at each position with ``token_label``). A pruned model (no projection)
+        passes ``x`` through.
         """
         tokens = x.permute(0, 2, 3, 1)
-        pooled = F.silu(self.norm(self.proj(tokens).permute(0, 3, 1, 2))).mean((2, 3))
+        features = x
+        if self.proj is not None and self.norm is not None:
+            features = F.silu(self.norm(self.proj(tokens).permute(0, 3, 1, 2)))
+        if self.global_pool == "avg":
+            pooled = features.mean((2, 3))
+            if pre_logits:
+                return pooled
+            logits = self.head(pooled)
+            if self.aux_head is not None:
+                logits = logits + 0.5 * self.aux_head(tokens).flatten(1, 2).amax(1)
+            return logits
         if pre_logits:
-            return pooled
-        logits = self.head(pooled)
+            return features
+        logits = self.head(features.permute(0, 2, 3, 1))
         if self.aux_head is not None:
-            logits = logits + 0.5 * self.aux_head(tokens).flatten(1, 2).amax(1)
-        return logits
+            logits = logits + 0.5 * self.aux_head(tokens)
+        return logits.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor):
-        if self.aux_head is not None and self.training:
+        if not torch.jit.is_scripting() and self.aux_head is not None and self.training:
             return self.forward_token_label(x)
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.unused
     def forward_token_label(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int, int, int]]:
         """Token-labelling training forward with MixToken.
 
@@ -419,15 +467,17 @@ class RMT(nn.Module):
         Returns ``(logits (B, K), aux_logits (B, h*w, K), box)``, box = ``(row0, col0, row1, col1)``
         on the final grid, end-exclusive.
         """
+        if self.global_pool != "avg":
+            raise ValueError("token-labelling training needs global_pool='avg'")
         tokens = self.patch_embed(x)
         grid_h, grid_w = -(-tokens.shape[1] // 8), -(-tokens.shape[2] // 8)  # three stride-2 convs
         box = _cutmix_box(grid_h, grid_w)
         r0, c0, r1, c1 = box
         tokens = tokens.clone()
         tokens[:, 8 * r0:8 * r1, 8 * c0:8 * c1] = tokens.flip(0)[:, 8 * r0:8 * r1, 8 * c0:8 * c1]
-        tokens, _ = self._forward_stages(tokens, len(self.layers) - 1)
-        logits = self.head(self.forward_head(tokens.permute(0, 3, 1, 2), pre_logits=True))
-        aux = self.aux_head(tokens)  # (B, h, w, K)
+        features, _ = self._forward_stages(tokens, len(self.layers) - 1)
+        logits = self.head(self.forward_head(features, pre_logits=True))
+        aux = self.aux_head(features.permute(0, 2, 3, 1))  # (B, h, w, K)
         aux = aux.clone()
         aux[:, r0:r1, c0:c1] = aux.flip(0)[:, r0:r1, c0:c1]
         return logits, aux.flatten(1, 2), box
