@@ -146,17 +146,16 @@ def load_classifier(model: str | nn.Module | None = None, checkpoint: str | os.P
                     device: str | torch.device = "auto") -> Classifier:
     """A :class:`Classifier` for a model name (or a built model) and a checkpoint.
 
-    ``model`` may be ``None`` when ``checkpoint`` is one of ours (it names its model). The checkpoint's
+    ``model`` may be ``None`` when ``checkpoint`` is one of ours (it names its model): a weights file, a
+    run checkpoint or a Hub-layout model folder (``rmt convert SRC FOLDER``). The checkpoint's
     stored class names and preprocessing are used when it has them. Without a checkpoint the weights
     are random (a warning says so).
     """
-    from ..models.factory import checkpoint_info, create_model
+    from ..models.factory import checkpoint_info, create_model, find_checkpoint
 
     info: dict[str, Any] = {}
     if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise RMTError(f"checkpoint not found: {checkpoint}")
-        info = checkpoint_info(checkpoint)
+        info = checkpoint_info(find_checkpoint(checkpoint))
     if isinstance(model, nn.Module):
         if checkpoint is not None:
             raise RMTError("pass either a built model or a checkpoint to load, not both")
