@@ -86,8 +86,9 @@ def _arch_overrides(model: nn.Module, model_name: str) -> Dict[str, Any]:
     return {k: plain(v) for k, v in arch.items() if plain(registered.get(k)) != plain(v)}
 
 
-def _model_card(model_name: str, model: nn.Module, config: Dict[str, Any], source: Optional[str],
-                metrics: Optional[Mapping[str, float]], class_names: Optional[Sequence[str]]) -> str:
+def _model_card(model_name: str, model: nn.Module, config: Dict[str, Any], data_config: Mapping[str, Any],
+                source: Optional[str], metrics: Optional[Mapping[str, float]],
+                class_names: Optional[Sequence[str]]) -> str:
     cfg = config["pretrained_cfg"]
     c, h, w = cfg["input_size"]
     params = sum(p.numel() for p in model.parameters())
@@ -112,6 +113,8 @@ def _model_card(model_name: str, model: nn.Module, config: Dict[str, Any], sourc
         f"mean {list(cfg['mean'])}, std {list(cfg['std'])}",
         f"- outputs: {classes}",
     ]
+    if data_config.get("grayscale"):
+        lines.append("- images are read as grayscale, repeated to 3 channels")
     if source:
         lines.append(f"- weights converted from: `{source}`")
     for key, value in (metrics or {}).items():
@@ -202,7 +205,7 @@ def save_hub_folder(
     save_weights(model, tmp_weights, metadata)
     os.replace(tmp_weights, folder / HUB_WEIGHTS)
     _write_atomic(folder / HUB_CONFIG, json.dumps(config, indent=2) + "\n")
-    _write_atomic(folder / HUB_CARD, _model_card(model_name, model, config, source, metrics, class_names))
+    _write_atomic(folder / HUB_CARD, _model_card(model_name, model, config, data_config, source, metrics, class_names))
     return folder
 
 
