@@ -32,7 +32,7 @@ from ..data.image import BadImageError, is_image_file, load_rgb
 from ..data.image import _to_rgb as to_rgb
 from ..data.transforms import eval_transform
 from ..errors import RMTError
-from ..models.factory import checkpoint_info, create_model
+from ..models.factory import checkpoint_info, create_model, find_checkpoint
 from ..training.distributed import resolve_device
 from ..training.precision import amp_dtype, autocast, describe_precision, fast_bf16
 
@@ -166,13 +166,14 @@ def load_classifier(model: str | nn.Module | None = None, checkpoint: str | os.P
                     device: str | torch.device = "auto", amp: str = "auto") -> Classifier:
     """A :class:`Classifier` for a model name (or a built model) and a checkpoint.
 
-    ``model`` may be ``None`` when ``checkpoint`` is one of ours (it names its model). The checkpoint's
+    ``model`` may be ``None`` when ``checkpoint`` is one of ours (it names its model): a weights file, a
+    run checkpoint or a Hub-layout model folder (``rmt convert SRC FOLDER``). The checkpoint's
     stored class names and preprocessing are used when it has them. Without a checkpoint the weights
     are random (a warning says so). ``amp``: see :class:`Classifier`.
     """
     info: dict[str, Any] = {}
     if checkpoint is not None:
-        info = checkpoint_info(checkpoint)
+        info = checkpoint_info(find_checkpoint(checkpoint))
     if isinstance(model, nn.Module):
         if checkpoint is not None:
             raise RMTError("pass either a built model or a checkpoint to load, not both")

@@ -13,14 +13,34 @@ the tensors that exist before it (parameters). It is exact on every device, unli
 
 Model specs: ``rmt_s`` (this package), ``reference:rmt_s`` (the straightforward implementation of
 the spec, :mod:`rmt.models.reference`), or any timm model name (``swin_tiny_patch4_window7_224``).
+
+Backends (``backends``; every model is timed in each, all interleaved in one loop):
+
+* ``eager``: PyTorch eager mode (the default);
+* ``onnxruntime``: the model exported to ONNX the way ``rmt export --static`` does it (fixed batch and
+  size, weights folded, MaSA tables as constants) and run by ONNX Runtime's CPU provider with all
+  graph optimisations;
+* ``onnxruntime-int8``: that export statically quantized as ``rmt export --quantize int8`` does
+  (:func:`rmt.tools.quantize.quantize_onnx`), calibrated here on random inputs, which sets the
+  scales but not the work: the timing is that of a model calibrated on images.
+
+ONNX Runtime runs with as many intra-op threads as torch uses. Its rows have no peak-memory figure
+(the tensors are not torch's), and ``parity`` is the float32 export's max abs difference to the
+eager model's logits on the benchmark input. :func:`profile_onnx` tells which operators an ONNX
+Runtime session spends its time in.
 """
 from __future__ import annotations
 
 import gc
+import json
+import os
 import statistics
+import tempfile
 import time
 import weakref
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,10 +51,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import RMTError
 
-__all__ = ["BenchResult", "benchmark", "build_model", "PeakMemory", "DEFAULT_PEERS"]
+__all__ = ["BenchResult", "benchmark", "build_model", "PeakMemory", "DEFAULT_PEERS", "BACKENDS", "profile_onnx"]
 
 DEFAULT_PEERS = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 MODES = ("infer", "features", "train")
+BACKENDS = ("eager", "onnxruntime", "onnxruntime-int8")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -49,6 +70,9 @@ class BenchResult:
     peak_mb: Optional[float]
     amp: Optional[str] = None
     times_ms: List[float] = field(default_factory=list)
+    backend: str = "eager"
+    parity: Optional[float] = None  # onnxruntime: max abs diff of the float32 export to the eager logits
+    export_path: Optional[str] = None  # onnxruntime: the file timed (gone after the run unless export_dir)
 
     def to_dict(self) -> Dict:
         d = asdict(self)
@@ -173,13 +197,98 @@ class _Runner:
         return tracker.peak / 2**20
 
 
+class _OnnxRunner:
+    """Times one exported model in ONNX Runtime on a fixed input (see the module doc)."""
+
+    def __init__(self, name: str, model: nn.Module, backend: str, batch: int, size: Tuple[int, int],
+                 workdir: Path):
+        from .export import _write, fold_for_export, freeze_masa_tables
+        from .quantize import onnx_session, quantize_onnx
+
+        self.name, self.mode, self.backend = name, "infer", backend
+        model = model.eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, *size, generator=g)
+        stem = workdir / f"{''.join(c if c.isalnum() else '_' for c in name)}_b{batch}_{size[0]}x{size[1]}"
+        float_path = stem.with_suffix(".onnx")
+        if not float_path.is_file():  # the float32 and the int8 rows of a model share one export
+            graph = freeze_masa_tables(fold_for_export(model), x)
+            _write(graph, x, "onnx", float_path, [], None)
+        path = float_path
+        if backend == "onnxruntime-int8":
+            path = stem.with_suffix(".int8.onnx")
+            if not path.is_file():
+                calibration = [torch.randn(batch, 3, *size, generator=g).numpy() for _ in range(2)]
+                quantize_onnx(float_path, path, calibration)
+        self.path = path
+        self.session = onnx_session(path, torch.get_num_threads())
+        self.feed = {self.session.get_inputs()[0].name: x.numpy()}
+        self.parity = None
+        if backend == "onnxruntime":
+            with torch.inference_mode():
+                expected = model(x).float()
+            self.parity = float((torch.from_numpy(self.session.run(None, self.feed)[0]) - expected).abs().max())
+
+    def step(self) -> None:
+        self.session.run(None, self.feed)
+
+    def timed(self) -> float:
+        start = time.perf_counter()
+        self.step()
+        return (time.perf_counter() - start) * 1000
+
+
+def profile_onnx(path: str | os.PathLike, batch_size: int, img_size: Tuple[int, int] = (224, 224),
+                 iters: int = 3, threads: Optional[int] = None) -> List[Dict[str, object]]:
+    """Where an ONNX Runtime session spends its time, from its own profiler: one row per operator
+    type, ``{"op", "nodes", "ms", "share"}`` (ms per run, summed over that type's nodes), slowest first."""
+    from .quantize import onnx_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session = onnx_session(path, threads or torch.get_num_threads(), profile_prefix=str(Path(tmp) / "ort"))
+        feed = {session.get_inputs()[0].name: torch.randn(batch_size, 3, *img_size).numpy()}
+        for _ in range(iters + 1):  # the first run does one-off work: left out below
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: Dict[str, float] = defaultdict(float)
+    nodes: Dict[str, set] = defaultdict(set)
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    start = runs[-iters]["ts"]
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] += e["dur"] / 1000 / iters
+            nodes[op].add(e["name"])
+    total = sum(per_op.values()) or 1.0
+    return [{"op": op, "nodes": len(nodes[op]), "ms": ms, "share": ms / total}
+            for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])]
+
+
 def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, int] = (224, 224),
               mode: str = "infer", warmup: int = 2, iters: int = 5, device: str = "cpu",
               compile_model: bool = False, channels_last: bool = False, memory: bool = True,
-              amp: Optional[str] = None, progress=None) -> List[BenchResult]:
-    """Median throughput (and peak memory) of each model, timed interleaved; see the module doc."""
+              amp: Optional[str] = None, progress=None, backends: Sequence[str] = ("eager",),
+              export_dir: Optional[str | os.PathLike] = None) -> List[BenchResult]:
+    """Median throughput (and peak memory) of each model in each backend, timed interleaved; see the
+    module doc. Results are ordered by model, then backend. ``export_dir`` keeps the ONNX files (and
+    reuses them in later runs: the models are built from seed 0, so their weights are the same);
+    default: a temporary directory."""
     if mode not in MODES:
         raise RMTError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise RMTError(f"backend must be among {', '.join(BACKENDS)}, got {', '.join(unknown) or 'none'}")
+    onnx_backends = [b for b in backends if b != "eager"]
+    if onnx_backends:
+        if mode != "infer":
+            raise RMTError(f"{onnx_backends[0]} times inference only: use --mode infer")
+        if amp or compile_model or channels_last or device != "cpu":
+            raise RMTError("--amp, --compile, --channels-last and --device are for the eager backend; "
+                           "ONNX Runtime runs float32 or int8 on the CPU")
+        from .quantize import _onnxruntime
+
+        _onnxruntime()  # a one-line error when it is missing
     if batch_size <= 0 or iters <= 0 or warmup < 0:
         raise RMTError("batch size and iterations must be positive")
     if amp is not None and amp not in AMP_DTYPES:
@@ -192,23 +301,36 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
         raise RMTError("CUDA is not available on this machine: use --device cpu")
     if amp == "fp16" and torch_device.type == "cpu":
         raise RMTError("fp16 autocast is for CUDA; use --amp bf16 on the CPU")
-    runners = [_Runner(name, build_model(name, img_size), mode, batch_size, img_size, torch_device,
-                       compile_model, channels_last, amp) for name in models]
-    for runner in runners:
-        for _ in range(warmup):
-            runner.step()
-    times: Dict[str, List[float]] = {r.name: [] for r in runners}
-    for i in range(iters):
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(export_dir) if export_dir is not None else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        runners = []
+        for name in models:
+            torch.manual_seed(0)  # the same random weights in every run, so that kept exports match the models
+            model = build_model(name, img_size)
+            for backend in backends:
+                if backend == "eager":
+                    runners.append(_Runner(name, model, mode, batch_size, img_size, torch_device, compile_model,
+                                           channels_last, amp))
+                else:
+                    runners.append(_OnnxRunner(name, model, backend, batch_size, img_size, workdir))
         for runner in runners:
-            times[runner.name].append(runner.timed())
-        if progress is not None:
-            progress(i + 1, iters)
-    results = []
-    for runner in runners:
-        median = statistics.median(times[runner.name])
-        peak = runner.peak_mb() if memory else None
-        results.append(BenchResult(runner.name, mode, batch_size, tuple(img_size), batch_size / median * 1000,
-                                   median, peak, amp, times[runner.name]))
-    del runners
-    gc.collect()
+            for _ in range(warmup):
+                runner.step()
+        times: List[List[float]] = [[] for _ in runners]
+        for i in range(iters):
+            for runner, runner_times in zip(runners, times):
+                runner_times.append(runner.timed())
+            if progress is not None:
+                progress(i + 1, iters)
+        results = []
+        for runner, runner_times in zip(runners, times):
+            median = statistics.median(runner_times)
+            peak = runner.peak_mb() if memory and isinstance(runner, _Runner) else None
+            backend = getattr(runner, "backend", "eager")
+            results.append(BenchResult(runner.name, mode, batch_size, tuple(img_size), batch_size / median * 1000,
+                                       median, peak, amp, runner_times, backend, getattr(runner, "parity", None),
+                                       str(runner.path) if hasattr(runner, "path") else None))
+        del runners
+        gc.collect()
     return results

@@ -22,9 +22,22 @@ stage has a single token and the graph specialises), so for ONNX and exported pr
 whose own input is smaller (the 32x32 digits models) are exported with a fixed height and width
 unless a larger ``img_size`` is given. A TorchScript trace records the size arithmetic itself and
 works at any size; like the others, it is checked at a second, non-square size after export.
+
+Every weight reaches the exported graph as a constant: the residual depthwise convolutions
+(``x + DWConv(x)``, computed in eager mode as one convolution with ``weight + centre``) are folded
+into plain convolutions on a copy of the model first (:func:`fold_for_export`), so graph tools
+that need constant weights (ONNX Runtime's quantizer, TensorRT) see them.
+
+``static=True`` (ONNX) fixes every dimension, batch included, and computes the MaSA tables of that
+size ahead of time (:func:`freeze_masa_tables`): they become initializers, and the graph holds no
+size arithmetic and no control flow -- what TensorRT builders want.
+
+``quantize="int8"`` (ONNX) writes a statically quantized model (:mod:`rmt.tools.quantize`) next to
+its float32 export, and reports the top-1 of both on an evaluation set.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -36,14 +49,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..classification.predict import load_classifier
 from ..errors import RMTError
+from ..models.factory import checkpoint_info
+from ..models.masa import MaSATables, RelPos2d, TokenConv
+from ..models.rmt import RMT
+from .quantize import quantize_export
 
-__all__ = ["FORMATS", "ExportResult", "ExportVerificationError", "export_model", "load_exported",
-           "verify_export"]
+__all__ = ["FORMATS", "QUANTIZE", "ExportResult", "ExportVerificationError", "export_model", "fold_for_export",
+           "freeze_masa_tables", "load_exported", "verify_export"]
 
 _logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript", "exported-program")
+QUANTIZE = ("int8",)
 MIN_DYNAMIC_SIZE = 33
 """Smallest height/width an export with dynamic height/width accepts (torch.export's guard)."""
 
@@ -61,14 +80,76 @@ class ExportResult:
     input_size: tuple[int, int, int]  # (C, H, W) of the example the model was exported with
     dynamic: list[str]  # "batch", "height", "width"
     checks: list[dict[str, Any]] = field(default_factory=list)  # {"shape": [B, C, H, W], "max_abs_diff"}
+    batch_size: int | None = None  # the fixed batch of a static export
+    quantization: dict[str, Any] | None = None  # see rmt.tools.quantize.QuantizationReport.to_dict
 
     @property
     def max_abs_diff(self) -> float | None:
         return max((c["max_abs_diff"] for c in self.checks), default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": self.format, "input_size": list(self.input_size),
-                    "dynamic": self.dynamic, "checks": self.checks, "max_abs_diff": self.max_abs_diff}
+        out = {"path": str(self.path), "format": self.format, "input_size": list(self.input_size),
+               "dynamic": self.dynamic, "checks": self.checks, "max_abs_diff": self.max_abs_diff}
+        if self.batch_size is not None:
+            out["batch_size"] = self.batch_size
+        if self.quantization is not None:
+            out["quantization"] = self.quantization
+        return out
+
+
+def fold_for_export(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose every weight is a constant of the graph.
+
+    A residual :class:`~rmt.models.masa.TokenConv` computes ``x + conv(x)`` as one convolution
+    with ``weight + centre``; traced, that sum is a node of the graph and the convolution's weight
+    a computed value. Here the sum is done once, in the weights, and the convolution is made plain:
+    the same numbers, every weight an initializer.
+    """
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, TokenConv) and module.residual:
+            with torch.no_grad():
+                module.conv.weight.add_(module.centre.to(module.conv.weight))
+            module.residual = False
+    return model
+
+
+class _FrozenTables(nn.Module):
+    """Stands in for a stage's :class:`~rmt.models.masa.RelPos2d`: the tables of one token grid, as buffers."""
+
+    def __init__(self, tables: MaSATables, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("cos", tables.cos, persistent=False)
+        self.register_buffer("sin", tables.sin, persistent=False)
+        self.register_buffer("bias", tables.bias, persistent=False)
+        self.register_buffer("bias_h", tables.bias_h, persistent=False)  # None for full MaSA
+
+    def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
+        if (h, w) != self.grid:
+            raise ValueError(f"tables frozen for a {self.grid[0]}x{self.grid[1]} token grid, got {h}x{w}")
+        return MaSATables(self.cos, self.sin, self.bias, self.bias_h)
+
+
+@torch.no_grad()
+def freeze_masa_tables(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Replace the MaSA table builders of every RMT in ``model`` with the tables of ``example``'s size
+    (in place; a model without RMT stages is returned unchanged).
+
+    Traced, :class:`~rmt.models.masa.RelPos2d` builds its tables in the graph (that is what makes
+    height and width dynamic); frozen, they are buffers, which exporters write as initializers. The
+    model then accepts only inputs of ``example``'s height and width.
+    """
+    for net in [m for m in model.modules() if isinstance(m, RMT)]:
+        tokens = net.patch_embed(example[:1])  # the stem and the downsampling convs give each stage's grid
+        for i, stage in enumerate(net.layers):
+            if i > 0:
+                tokens = net.layers[i - 1].downsample(tokens)
+            h, w = tokens.shape[1:3]
+            if isinstance(stage.relpos, RelPos2d):
+                tables = stage.relpos(h, w, example)  # float32, eager: the cached tables
+                stage.relpos = _FrozenTables(MaSATables(tables.cos, tables.sin, tables.bias, tables.bias_h), (h, w))
+    return model
 
 
 def _repeat_interleave_int(x: torch.Tensor, repeats, dim: int | None = None, output_size=None) -> torch.Tensor:
@@ -200,6 +281,24 @@ def verify_export(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
     return checks
 
 
+def _check_options(fmt: str, dynamic_size: bool | None, static: bool, batch_size: int | None,
+                   quantize: str | None, calib_data, eval_data) -> None:
+    if fmt not in FORMATS:
+        raise RMTError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise RMTError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZE)}")
+    if (static or quantize) and fmt != "onnx":
+        raise RMTError(f"--{'static' if static else 'quantize'} is for --format onnx, not {fmt}")
+    if static and dynamic_size:
+        raise RMTError("a --static export has a fixed height and width: drop the dynamic size")
+    if batch_size is not None and not static:
+        raise RMTError("--batch-size fixes the batch of a --static export; other exports have a dynamic batch")
+    if batch_size is not None and batch_size < 1:
+        raise RMTError(f"--batch-size must be positive, got {batch_size}")
+    if quantize is None and (calib_data is not None or eval_data is not None):
+        raise RMTError("--calib-data and --eval-data go with --quantize int8")
+
+
 def export_model(
     model: str | nn.Module | None,
     output: str | os.PathLike,
@@ -210,6 +309,14 @@ def export_model(
     verify: bool = True,
     atol: float = 1e-4,
     opset: int | None = None,
+    *,
+    static: bool = False,
+    batch_size: int | None = None,
+    quantize: str | None = None,
+    calib_data: str | os.PathLike | None = None,
+    eval_data: str | os.PathLike | None = None,
+    calib_images: int = 256,
+    progress: bool = False,
 ) -> ExportResult:
     """Export a classifier (image -> logits) and check the file against PyTorch.
 
@@ -218,45 +325,70 @@ def export_model(
             built model.
         output: the file to write.
         fmt: ``"onnx"``, ``"torchscript"`` or ``"exported-program"``.
-        checkpoint: weights to load (official ``.pth`` or ours); without one the weights are random.
+        checkpoint: weights to load (official ``.pth``, ours, a run checkpoint or a Hub-layout
+            folder); without one the weights are random.
         img_size: ``(H, W)`` of the example input; default: the model's evaluation size (the
             checkpoint's data config for ours, else ``pretrained_cfg``).
         dynamic_size: export height and width as dynamic; default: when the example is at least
-            33 px both ways. The batch is always dynamic.
+            33 px both ways. The batch is dynamic unless ``static``.
         verify: load the file back and compare it with PyTorch (see :func:`verify_export`).
-        atol: the largest absolute difference of logits the check accepts.
+        atol: the largest absolute difference of logits the check accepts (float32 exports).
         opset: ONNX opset (default: the exporter's).
+        static: ONNX only: every dimension fixed (batch ``batch_size``, default 1), the MaSA tables
+            as initializers, no control flow (:func:`freeze_masa_tables`).
+        batch_size: the batch of a ``static`` export.
+        quantize: ``"int8"`` (ONNX only): ``output`` is the statically quantized model, and the
+            float32 export is kept beside it as ``<stem>.fp32.onnx``; see :func:`rmt.tools.quantize.quantize_export`.
+        calib_data: a folder of images to calibrate on; default: the run's own training images.
+        eval_data: an image folder with class sub-folders to measure top-1 on; default: the run's
+            own validation split.
+        calib_images: at most this many calibration images.
+        progress: show progress bars (calibration and evaluation).
     """
-    if fmt not in FORMATS:
-        raise RMTError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    from ..classification.predict import load_classifier
+    _check_options(fmt, dynamic_size, static, batch_size, quantize, calib_data, eval_data)
 
-    classifier = load_classifier(model, checkpoint, device="cpu")
+    classifier = load_classifier(model, checkpoint, device="cpu", amp="none")  # exports are float32 graphs
     net = classifier.model.float().eval()
     channels = int(classifier.data_config["input_size"][0])
     h, w = img_size or classifier.data_config["input_size"][-2:]
     h, w = int(h), int(w)
-    if dynamic_size is None:  # a trace has no shape guards: any size (checked below)
+    if static:
+        dynamic_size = False
+    elif dynamic_size is None:  # a trace has no shape guards: any size (checked below)
         dynamic_size = fmt == "torchscript" or min(h, w) >= MIN_DYNAMIC_SIZE
     elif dynamic_size and min(h, w) < MIN_DYNAMIC_SIZE and fmt != "torchscript":
         raise RMTError(f"dynamic height/width needs an example of at least {MIN_DYNAMIC_SIZE} px "
                        f"(got {h}x{w}): pass --img-size, or export a fixed size")
-    dynamic = ["batch"] + (["height", "width"] if dynamic_size else [])
+    dynamic = ([] if static else ["batch"]) + (["height", "width"] if dynamic_size else [])
     path = Path(output)
+    if quantize and path.suffix != ".onnx":
+        raise RMTError(f"--output {path}: an int8 ONNX model is written to a .onnx file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.randn(2, channels, h, w, generator=torch.Generator().manual_seed(0))
+    float_path = path.with_suffix(".fp32.onnx") if quantize else path
+    batch = (batch_size or 1) if static else 2
+    example = torch.randn(batch, channels, h, w, generator=torch.Generator().manual_seed(0))
+    graph_model = fold_for_export(net)
+    if static:
+        freeze_masa_tables(graph_model, example)
     try:
-        _write(net, example, fmt, path, dynamic, opset)
+        _write(graph_model, example, fmt, float_path, dynamic, opset)
     except RMTError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RMTError(f"exporting to {fmt} failed: {type(e).__name__}: {first[:300]}") from e
-    result = ExportResult(path, fmt, (channels, h, w), dynamic)
+    result = ExportResult(float_path, fmt, (channels, h, w), dynamic, batch_size=batch if static else None)
+    shapes = [tuple(example.shape)] if static else verify_shapes((channels, h, w), dynamic)
     if verify:
-        result.checks = verify_export(net, load_exported(path, fmt), verify_shapes((channels, h, w), dynamic))
+        result.checks = verify_export(net, load_exported(float_path, fmt), shapes)
         if result.max_abs_diff > atol:
             raise ExportVerificationError(
-                f"{path} differs from the PyTorch model by up to {result.max_abs_diff:.3g} (> {atol:g}) "
+                f"{float_path} differs from the PyTorch model by up to {result.max_abs_diff:.3g} (> {atol:g}) "
                 f"on inputs {[c['shape'] for c in result.checks]}; the file is kept for inspection")
+    if quantize:
+        stored_names = checkpoint_info(checkpoint).get("class_names") if checkpoint is not None else None
+        report = quantize_export(classifier, checkpoint, float_path, path, class_names=stored_names,
+                                 calib_data=calib_data,
+                                 eval_data=eval_data, calib_images=calib_images, progress=progress)
+        result.path, result.quantization = path, report.to_dict()
     return result

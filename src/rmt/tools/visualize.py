@@ -313,7 +313,7 @@ def plot_attention(classifier, image, output: str | os.PathLike, query: tuple[fl
                    block: int = -1, cam: bool = False, title: str | None = None, dpi: int = 110) -> dict[str, Any]:
     """Draw the attention of ``query`` per stage (and Grad-CAM) over ``image`` as the model sees it.
 
-    ``classifier``: a :class:`rmt.tools.predict.Classifier`; ``image``: a file path or a PIL image.
+    ``classifier``: a :class:`rmt.classification.predict.Classifier`; ``image``: a file path or a PIL image.
     The picture is the model's input (after its resize and crop). Returns what was drawn: the
     prediction, per-stage summaries (:meth:`StageAttention.summary`) and the Grad-CAM class.
     """

@@ -1,0 +1,200 @@
+"""Deployment exports: constant weights, `--static` graphs (fixed shapes, MaSA tables as initializers, no
+control flow), int8 static quantization with its accuracy report, and ONNX Runtime in `rmt benchmark`."""
+import json
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from golden import TINY_CASES, load_golden, official_state_dict
+from rmt.cli import main
+from rmt.data import DigitsDataset, collate_skip_bad
+from rmt.classification.evaluate import evaluate
+from rmt.errors import RMTError
+from rmt.models import RMT
+from rmt.models.hub import save_hub_folder
+from rmt.models.masa import TokenConv
+from rmt.models.rmt import checkpoint_filter_fn
+from rmt.tools.benchmark import _OnnxRunner, benchmark, profile_onnx
+from rmt.tools.export import export_model, fold_for_export, freeze_masa_tables, load_exported
+from rmt.tools.quantize import OnnxRuntimeModel
+
+DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
+                 "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "grayscale": True}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The golden tiny model (full and decomposed MaSA, layer scale) with its seeded weights."""
+    model = RMT(**TINY_CASES["official_tiny"]).eval()
+    model.load_state_dict(checkpoint_filter_fn(official_state_dict(load_golden("official_tiny")["keys"]), model))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_digits_folder(tiny, tmp_path_factory):
+    """The tiny model as a digits model: a Hub folder with the digits classes and preprocessing."""
+    return save_hub_folder(tiny, tmp_path_factory.mktemp("tiny") / "digits", model_name="rmt_t",
+                           class_names=DigitsDataset.classes, data_config=DIGITS_CONFIG)
+
+
+def _graph(path):
+    return onnx.load(str(path)).graph
+
+
+def test_fold_keeps_outputs_and_removes_computed_weights(tiny):
+    folded = fold_for_export(tiny)
+    assert not any(m.residual for m in folded.modules() if isinstance(m, TokenConv))
+    assert any(m.residual for m in tiny.modules() if isinstance(m, TokenConv))  # the original is untouched
+    images = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        assert (folded(images) - tiny(images)).abs().max() < 1e-5
+
+
+def test_static_graph_for_accelerators(tiny, tmp_path, capsys):
+    out = tmp_path / "static.onnx"
+    result = export_model(tiny, out, "onnx", img_size=(64, 96), static=True, batch_size=2)
+    assert result.dynamic == [] and result.batch_size == 2 and result.max_abs_diff < 1e-4
+    graph = _graph(out)
+    ops = Counter(n.op_type for n in graph.node)
+    assert not {"If", "Loop", "Scan", "Shape", "Range"} & set(ops), ops
+    for value in list(graph.input) + list(graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+        assert all(isinstance(d, int) and d > 0 for d in dims), (value.name, dims)
+    # every stage's tables are in the file as constants (the decay biases and the rotation)
+    constants = [torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in graph.initializer]
+    frozen = freeze_masa_tables(fold_for_export(tiny), torch.zeros(1, 3, 64, 96))
+    for stage in frozen.layers:
+        for name in ("cos", "sin", "bias", "bias_h"):
+            table = getattr(stage.relpos, name)
+            if table is None:
+                continue
+            assert any(c.shape == table.shape and torch.equal(c, table) for c in constants), (stage.relpos.grid, name)
+    # and it runs in ONNX Runtime like PyTorch, on new inputs of its shape
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = tiny(images)
+    assert (load_exported(out)(images) - expected).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="frozen for a 16x24 token grid, got 8x8"):
+        frozen(torch.zeros(1, 3, 32, 32))
+    # the command
+    assert main(["export", "--checkpoint", "x.pth", "--format", "torchscript", "--output", "x.pt", "--static"]) == 2
+    assert "--static is for --format onnx" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def int8_export(tiny_digits_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    return export_model(None, out, "onnx", checkpoint=tiny_digits_folder, quantize="int8", calib_images=64)
+
+
+def test_float_export_weights_are_initializers(int8_export):
+    """The residual depthwise convs reach the graph folded: every conv/linear weight is a constant."""
+    graph = _graph(int8_export.quantization["float_path"])
+    constants = {i.name for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) >= 20
+    assert all(n.input[1] in constants for n in convs), [n.name for n in convs if n.input[1] not in constants]
+
+
+def test_int8_on_the_runs_own_data(tiny, int8_export):
+    """Defaults for a digits model: calibrated on the digits train split, evaluated on the test split;
+    the float32 accuracy reported is the PyTorch model's."""
+    result, out = int8_export, int8_export.path
+    tmp_path = out.parent
+    q = result.quantization
+    assert result.path == out and q["int8_path"] == str(out) and q["float_path"] == str(tmp_path / "int8.fp32.onnx")
+    assert q["calibration"] == "the digits train split" and q["calib_images"] == 64
+    assert q["evaluation"] == "the digits test split" and q["eval_images"] == 360
+    test_set = DigitsDataset("test", img_size=32)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=64, collate_fn=collate_skip_bad)
+    torch_acc = evaluate(tiny, loader, torch.device("cpu"), progress=False)
+    assert q["float_top1"] == pytest.approx(torch_acc["top1"]) and q["float_top5"] == pytest.approx(torch_acc["top5"])
+    assert abs(q["int8_top1"] - q["float_top1"]) < 5 and q["agreement"] > 90
+    assert q["int8_mb"] < q["float_mb"] / 2
+    graph = _graph(out)
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
+    assert len(int8_weights) >= 20  # convolution and linear weights stored as int8
+    # what the report says matches a fresh ONNX Runtime session on the int8 file
+    fresh = evaluate(OnnxRuntimeModel(out), loader, torch.device("cpu"), progress=False)
+    assert fresh["top1"] == pytest.approx(q["int8_top1"])
+
+
+def test_int8_with_image_folders(tiny_digits_folder, tmp_path, capsys):
+    """--calib-data (any images) and --eval-data (class folders), through the command."""
+    calib, evaluation = tmp_path / "calib", tmp_path / "eval"
+    test_set = DigitsDataset("test", img_size=32)
+    for i in range(40):
+        image, label = test_set[i]
+        picture = Image.fromarray(((image[0] + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+        (evaluation / str(label)).mkdir(parents=True, exist_ok=True)
+        picture.save(evaluation / str(label) / f"{i}.png")
+        (calib / "nested").mkdir(parents=True, exist_ok=True)
+        picture.save(calib / "nested" / f"{i}.png")
+    (calib / "notes.txt").write_text("not an image")
+    out = tmp_path / "int8.onnx"
+    assert main(["export", "--checkpoint", str(tiny_digits_folder), "--format", "onnx", "--output", str(out),
+                 "--quantize", "int8", "--calib-data", str(calib), "--eval-data", str(evaluation)]) == 0
+    printed = capsys.readouterr().out
+    assert f"calibrated on 40 images of {calib}" in printed
+    assert f"accuracy on 40 images of {evaluation}: float32 top-1" in printed and "points lost" in printed
+
+
+def test_int8_user_errors(tiny_digits_folder, tmp_path, capsys):
+    base = ["export", "--checkpoint", str(tiny_digits_folder), "--output", str(tmp_path / "m.onnx")]
+    cases = [
+        (["--format", "torchscript", "--quantize", "int8"], "--quantize is for --format onnx"),
+        (["--format", "onnx", "--calib-data", str(tmp_path)], "go with --quantize int8"),
+        (["--format", "onnx", "--quantize", "int8", "--calib-data", str(tmp_path / "none")], "no such folder"),
+        (["--format", "onnx", "--quantize", "int8", "--calib-data", str(tmp_path)], "no image files"),
+        (["--format", "onnx", "--batch-size", "4"], "--batch-size fixes the batch of a --static export"),
+    ]
+    for flags, message in cases:
+        assert main(base + flags) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (flags, err)
+
+
+def test_onnxruntime_runner_and_profile(tiny, tmp_path):
+    runner = _OnnxRunner("tiny", tiny, "onnxruntime", 2, (32, 32), tmp_path)
+    assert runner.parity < 1e-4 and runner.timed() > 0
+    int8 = _OnnxRunner("tiny", tiny, "onnxruntime-int8", 2, (32, 32), tmp_path)
+    assert int8.path.name == "tiny_b2_32x32.int8.onnx" and int8.timed() > 0
+    rows = profile_onnx(runner.path, 2, (32, 32), iters=2)
+    ops = {r["op"] for r in rows}
+    assert {"MatMul", "Softmax"} <= ops or {"FusedMatMul", "Softmax"} <= ops, ops
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert all(r["ms"] >= 0 and r["nodes"] >= 1 for r in rows)
+
+
+def test_benchmark_backend_errors(capsys):
+    with pytest.raises(RMTError, match="backend must be among"):
+        benchmark(["rmt_t"], backends=("tensorrt",))
+    with pytest.raises(RMTError, match="inference only"):
+        benchmark(["rmt_t"], backends=("onnxruntime",), mode="train")
+    with pytest.raises(RMTError, match="for the eager backend"):
+        benchmark(["rmt_t"], backends=("eager", "onnxruntime"), amp="bf16")
+    assert main(["benchmark", "rmt_t", "--profile", "--no-peers"]) == 2
+    assert "--profile shows ONNX Runtime" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_benchmark_onnxruntime(capsys):
+    assert main(["benchmark", "rmt_t", "--no-peers", "--batch-size", "1", "--img-size", "32", "32", "--iters", "1",
+                 "--warmup", "0", "--backend", "eager", "onnxruntime", "onnxruntime-int8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["backend"]) for r in rows] == [("rmt_t", "eager"), ("rmt_t", "onnxruntime"),
+                                                         ("rmt_t", "onnxruntime-int8")]
+    assert rows[1]["parity"] < 1e-4 and all(r["img_per_s"] > 0 for r in rows)
