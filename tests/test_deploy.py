@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from golden import TINY_CASES, load_golden, official_state_dict
+from rmt.classification.evaluate import evaluate
 from rmt.cli import main
 from rmt.data import DigitsDataset, collate_skip_bad
-from rmt.classification.evaluate import evaluate
 from rmt.errors import RMTError
 from rmt.models import RMT
 from rmt.models.hub import save_hub_folder

@@ -122,7 +122,7 @@ def test_cli_prints_the_checks(tiny, tmp_path, capsys, monkeypatch):
     """The command's wiring and output, with the tiny model standing in for a checkpoint's."""
     config = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
               "crop_pct": 1.0}
-    monkeypatch.setattr("rmt.classification.predict.load_classifier",
+    monkeypatch.setattr("rmt.tools.export.load_classifier",
                         lambda *a, **k: Classifier(tiny, config, device="cpu"))
     out = tmp_path / "tiny.pt"
     assert main(["export", "--checkpoint", "ignored.pth", "--format", "torchscript", "--output", str(out),

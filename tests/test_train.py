@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 
@@ -106,8 +107,12 @@ def test_train_run_directory_and_resume(tmp_path):
     result = train(quick_config(tmp_path))
     run = result.output
     assert run == tmp_path / "run"
-    for name in ["config.yaml", "metrics.csv", "last.pth", "best.pth", "model.safetensors", "curves.png"]:
+    for name in ["config.yaml", "metrics.csv", "last.pth", "best.pth", "model.safetensors", "curves.png",
+                 "hub/config.json", "hub/model.safetensors", "hub/README.md"]:
         assert (run / name).is_file(), name
+    hub_model = timm.create_model(f"local-dir:{run / 'hub'}", pretrained=True)  # the best weights, shareable
+    best = read_run_checkpoint(run / "best.pth").model
+    assert all(torch.equal(v, best[k]) for k, v in hub_model.state_dict().items())
     with open(run / "metrics.csv", newline="") as f:
         assert next(csv.reader(f)) == METRIC_COLUMNS
     rows = _rows(run)

@@ -58,7 +58,8 @@ def _cmd_eval(args) -> int:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 and loss of a checkpoint (ours or official)")
     p.add_argument("--model", default=None, help="model name (default: the checkpoint's, for our files)")
-    p.add_argument("--checkpoint", required=True, help=".safetensors / .pth (ours or official)")
+    p.add_argument("--checkpoint", required=True,
+                   help=".safetensors / .pth (ours or official), a run's best.pth, or a Hub-layout model folder")
     p.add_argument("--data", default=None, help="image folder root (default: the digits test split)")
     p.add_argument("--split", default="val", help="sub-folder of --data to evaluate (default: val)")
     p.add_argument("--batch-size", type=positive_int, default=64)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import DigitsDataset, ImageFolderDataset, collate_skip_bad, eval_transform
 from ..errors import RMTError
-from ..models.factory import checkpoint_info, create_model, split_name
+from ..models.factory import checkpoint_info, create_model, find_checkpoint, split_name
 from ..training.distributed import DistInfo, ShardSampler, all_reduce_sum, resolve_device
 from ..training.precision import amp_dtype, autocast, describe_precision
 from ..training.run import progress_bar
@@ -97,6 +97,7 @@ def evaluate_checkpoint(model_name: Optional[str], checkpoint: str | os.PathLike
         split_name(model_name)  # a wrong name is reported before any file is read
     if batch_size < 1:
         raise RMTError(f"--batch-size must be positive, got {batch_size}")
+    checkpoint = find_checkpoint(checkpoint)
     info = checkpoint_info(checkpoint)
     model_name = model_name or info.get("model")
     if model_name is None:

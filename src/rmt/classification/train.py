@@ -5,7 +5,9 @@ or many (torchrun + DDP), with token labelling as an option.
 training batches and an evaluation (of the EMA weights too, when kept). The run directory,
 checkpoints, resume, the optimizer step (accumulation, clipping, fp16 scaling, EMA), signals and the
 non-finite-loss policy are :class:`rmt.training.run.TrainingRun`'s (see its module doc for the
-files a run writes). ``metrics.csv`` columns: :data:`METRIC_COLUMNS`.
+files a run writes). ``metrics.csv`` columns: :data:`METRIC_COLUMNS`. At the end, ``OUTPUT/hub/``
+holds the best weights in timm's Hugging Face layout (rmt.models.hub): ready to upload, and
+loadable with ``timm.create_model("local-dir:OUTPUT/hub", pretrained=True)``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from torch import nn
 
 from ..data import collate_skip_bad
 from ..models.factory import create_model
-from ..models.weights import load_matching_weights
+from ..models.hub import save_hub_folder
+from ..models.weights import load_matching_weights, read_state_dict
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from .config import ClassificationConfig
 from .data import build_datasets
@@ -129,4 +132,10 @@ def train(cfg: ClassificationConfig) -> RunResult:
                         + (f", EMA top-1 {ema['top1']:.2f}%" if ema is not None else ""))
 
             run.end_round(dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"]), describe)
-        return run.finish()
+        result = run.finish()
+        if run.info.is_main and result.best_value is not None:  # the best weights, ready to share (timm's Hub layout)
+            model.load_state_dict(read_state_dict(run.output / "model.safetensors"))
+            save_hub_folder(model, run.output / "hub", model_name=cfg.model, class_names=data.classes,
+                            data_config=data.data_config, metrics={"val_top1": result.best_value,
+                                                                   "epoch": result.best_at})
+        return result

@@ -8,6 +8,7 @@ Every task's run writes the same files into its ``--output`` directory::
     last.pth            everything needed to resume (``--resume auto``); see rmt.training.checkpoint
     best.pth            the checkpoint of the best evaluation
     model.safetensors   the best weights, with what they are in the metadata (rmt.models.weights)
+    hub/                classification: the best weights in timm's Hub layout (rmt.models.hub), at the end
     epoch_NNNN.pth / iter_NNNNNNNN.pth   the most recent evaluations' checkpoints (--keep-checkpoints N)
 
 All of them are written atomically (rmt.training.files).
@@ -29,6 +30,7 @@ import fcntl
 import io
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -37,7 +39,7 @@ from ..files import atomic_copy, atomic_write, atomic_write_text
 
 __all__ = ["RunDirectory", "RUN_FILES", "format_metric", "read_metrics_csv", "plot_curves"]
 
-RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "model.safetensors")
+RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "model.safetensors", "hub")
 _RETAINED = ("epoch_*.pth", "iter_*.pth")
 
 
@@ -135,7 +137,7 @@ class RunDirectory:
     def clear(self) -> None:
         """Remove a previous run's files (for ``--overwrite``, once the new run has passed its checks)."""
         for path in self.run_files():
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def release(self, failed: bool = False) -> None:
         """Unlock; after a failed start, remove the directory again if this run created it and it is empty."""
