@@ -257,3 +257,55 @@ def test_dense_predict_skips_bad_images_and_shares_the_json_shape(tmp_path, caps
     for entry in good[key]:
         assert {"label", "index"} <= set(entry) and entry["label"] in ("circle", "square", "triangle")
 
+
+
+# ------------------------------------------------------------------------------- exports
+@pytest.fixture
+def tiny_export(monkeypatch):
+    """`rmt export` of a tiny classifier standing in for a checkpoint's."""
+    from rmt.classification.predict import Classifier
+    from rmt.models import RMT
+
+    torch.manual_seed(0)
+    tiny = RMT(embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), projection=32, num_classes=3)
+    config = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+              "crop_pct": 1.0}
+    classifier = Classifier(tiny.eval(), config, device="cpu")
+    monkeypatch.setattr("rmt.tools.export.load_classifier", lambda *a, **k: classifier)
+
+
+def test_export_onto_a_full_disk_keeps_the_old_file(tiny_export, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"the previous export")
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    err = one_line_error(capsys, main(["export", "--checkpoint", "x.pth", "--format", "torchscript", "--output",
+                                       str(out), "--no-verify"]))
+    monkeypatch.undo()
+    assert "no space left on the device to write" in err and "the previous model.pt is kept" in err
+    assert out.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_export_refuses_an_opset_it_cannot_write(tiny_export, tmp_path, capsys):
+    err = one_line_error(capsys, main(["export", "--checkpoint", "x.pth", "--format", "onnx", "--output",
+                                       str(tmp_path / "m.onnx"), "--opset", "3", "--static-size"]))
+    assert "cannot convert this model to opset 3" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["flops", "rmt_t", "--img-size", "0", "224"], "must be a positive integer"),
+    (["flops", "rmt_t", "--img-size", "-32", "32"], "must be a positive integer"),
+    (["export", "--checkpoint", "x.pth", "--format", "onnx", "--output", "m.onnx", "--atol", "nan"],
+     "not a finite number"),
+    (["visualize", "decay", "--model", "rmt_t", "--output", "d.xyz"], "cannot write .xyz pictures"),
+    (["benchmark", "rmt_t", "--iters", "0"], "must be a positive integer"),
+])
+def test_tool_values_that_cannot_be_honoured_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert message in one_line_error(capsys, main(argv))

@@ -132,10 +132,16 @@ def test_cli_prints_the_checks(tiny, tmp_path, capsys, monkeypatch):
     assert [line.split(":")[0] for line in lines[1:4]] == ["  input 2x3x32x32", "  input 1x3x32x32",
                                                           "  input 3x3x32x32"]
     assert lines[4].startswith("verified: max abs diff ") and lines[4].endswith("<= 0.0001")
-    # the atol guard of export_model itself
+    # the atol guard of export_model itself: an export that differs is refused
+    monkeypatch.setattr("rmt.tools.export.verify_export", lambda *a, **k: [{"shape": [2, 3, 32, 32],
+                                                                             "max_abs_diff": 0.5}])
     assert main(["export", "--checkpoint", "ignored.pth", "--format", "torchscript", "--output", str(out),
-                 "--static-size", "--atol", "-1"]) == 2
-    assert "differs from the PyTorch model" in capsys.readouterr().err
+                 "--static-size"]) == 2
+    assert "differs from the PyTorch model by up to 0.5" in capsys.readouterr().err
+    # a tolerance that can never hold is a usage error
+    assert main(["export", "--checkpoint", "ignored.pth", "--format", "torchscript", "--output", str(out),
+                 "--atol", "-1"]) == 2
+    assert "--atol: must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from ..cliutils import format_table, print_json
+from ..cliutils import format_table, non_negative_int, positive_float, positive_int, print_json, probability
 from ..errors import RMTError
 from ..models.factory import convert_checkpoint
 from ..runtime import keep_freed_memory
@@ -61,8 +61,8 @@ def _cmd_flops(args) -> int:
 def _add_flops(sub) -> None:
     p = sub.add_parser("flops", help="parameters and GFLOPs (multiply-adds) of a model at any input size")
     p.add_argument("model", help="model name, e.g. rmt_s or rmt_s.tl_in1k")
-    p.add_argument("--img-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    p.add_argument("--num-classes", type=positive_int, default=None)
     p.add_argument("--token-label", action="store_true", help="count the token-labelling model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_flops)
@@ -163,8 +163,8 @@ def _add_benchmark(sub) -> None:
                                    "also exported (fixed shape) and timed in ONNX Runtime, float32 or statically "
                                    "quantized int8, in the same interleaved loop.")
     p.add_argument("models", nargs="+", help="rmt_s, reference:rmt_s, or timm model names")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"))
     p.add_argument("--mode", choices=["infer", "features", "train", "both"], default="infer",
                    help="infer: images -> logits; features: images -> last feature map; train: forward, "
                         "backward and AdamW step; both: infer and train (default: infer)")
@@ -172,9 +172,9 @@ def _add_benchmark(sub) -> None:
                    help=f"where each model runs, one row per backend: {', '.join(BACKENDS)} (default: eager); "
                         "e.g. --backend eager onnxruntime onnxruntime-int8")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast the forward (default: float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--iters", type=int, default=5, help="timed rounds")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per model first")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--iters", type=positive_int, default=5, help="timed rounds")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per model first")
     p.add_argument("--peers", nargs="*", default=None,
                    help="models to compare with (default: reference + timm; timm only with ONNX Runtime backends)")
     p.add_argument("--no-peers", action="store_true", help="time only the given models")
@@ -235,23 +235,24 @@ def _add_export(sub) -> None:
                    help="official .pth, our .safetensors, a run's best.pth, or a model folder (rmt convert)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+    p.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="example input size (default: the model's evaluation size)")
     p.add_argument("--static-size", action="store_true", help="fix height and width (the batch stays dynamic)")
     p.add_argument("--static", action="store_true",
                    help="ONNX: fix every dimension (batch: --batch-size), MaSA tables as constants, no control flow")
-    p.add_argument("--batch-size", type=int, default=None, help="the batch of a --static export (default: 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="the batch of a --static export (default: 1)")
     p.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="ONNX: write a statically quantized model to --output, the float32 one beside it "
                         "(NAME.fp32.onnx), and compare their accuracy")
     p.add_argument("--calib-data", default=None,
                    help="folder of images to calibrate int8 on (default: the run's own training images)")
-    p.add_argument("--calib-images", type=int, default=256, help="calibration images at most (default: 256)")
+    p.add_argument("--calib-images", type=positive_int, default=256, help="calibration images at most (default: 256)")
     p.add_argument("--eval-data", default=None,
                    help="image folder with class sub-folders to measure top-1 on (default: the run's validation split)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest max abs difference accepted (default: 1e-4)")
+    p.add_argument("--atol", type=positive_float, default=1e-4,
+                   help="largest max abs difference accepted (default: 1e-4)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=_cmd_export)
 
@@ -307,8 +308,8 @@ def _add_visualize(sub) -> None:
     d.add_argument("--model", default=None, help="model name, e.g. rmt_s")
     d.add_argument("--checkpoint", default=None, help="optional: read the decay buffers from these weights")
     d.add_argument("--output", required=True, help="PNG file to write")
-    d.add_argument("--grid", type=int, default=21, help="tokens per side around the centre (default: 21)")
-    d.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default: 110)")
+    d.add_argument("--grid", type=positive_int, default=21, help="tokens per side around the centre (default: 21)")
+    d.add_argument("--dpi", type=positive_int, default=110, help="resolution of the PNG (default: 110)")
     d.add_argument("--json", action="store_true", help="print the per-head rates as one JSON object")
     d.set_defaults(func=_cmd_decay)
 
@@ -320,13 +321,14 @@ def _add_visualize(sub) -> None:
     a.add_argument("--model", default=None, help="model name, e.g. rmt_s (default: the checkpoint's, for our files)")
     a.add_argument("--checkpoint", required=True, help="official .pth, our .safetensors, or a run's best.pth")
     a.add_argument("--output", required=True, help="PNG file to write")
-    a.add_argument("--query", type=float, nargs=2, default=[0.5, 0.5], metavar=("ROW", "COL"),
+    a.add_argument("--query", type=probability, nargs=2, default=[0.5, 0.5], metavar=("ROW", "COL"),
                    help="query point as fractions of the image height and width (default: 0.5 0.5, the centre)")
     a.add_argument("--block", type=int, default=-1, help="block of each stage (default: -1, the last)")
-    a.add_argument("--img-size", type=int, default=None, help="input size (default: the model's evaluation size)")
+    a.add_argument("--img-size", type=positive_int, default=None,
+                   help="input size (default: the model's evaluation size)")
     a.add_argument("--cam", action="store_true", help="add a Grad-CAM map of the predicted class")
     a.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    a.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default: 110)")
+    a.add_argument("--dpi", type=positive_int, default=110, help="resolution of the PNG (default: 110)")
     a.add_argument("--json", action="store_true", help="print what was drawn as one JSON object")
     a.set_defaults(func=_cmd_attention)
 

@@ -37,7 +37,9 @@ its float32 export, and reports the top-1 of both on an evaluation set.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import warnings
@@ -51,6 +53,7 @@ from torch import nn
 
 from ..classification.predict import load_classifier
 from ..errors import RMTError
+from ..files import atomic_write_bytes
 from ..models.factory import checkpoint_info
 from ..models.masa import MaSATables, RelPos2d, TokenConv
 from ..models.rmt import RMT
@@ -175,12 +178,13 @@ def _torch_export(model: nn.Module, example: torch.Tensor, dynamic: Sequence[str
     return torch.export.export(model, (example,), dynamic_shapes=(spec,) if spec else None)
 
 
-def _write(model: nn.Module, example: torch.Tensor, fmt: str, path: Path, dynamic: Sequence[str],
-           opset: int | None) -> None:
+def _serialize(model: nn.Module, example: torch.Tensor, fmt: str, dynamic: Sequence[str],
+               opset: int | None) -> bytes:
+    """The exported file's bytes, made in memory: it is written atomically afterwards (rmt.files), so a
+    failure -- a full disk included -- never leaves a partial or corrupt file at the output path."""
+    buffer = io.BytesIO()
     if fmt == "exported-program":
-        # through a file object: torch.export.save warns about any file name not ending in .pt2
-        with open(path, "wb") as f:
-            torch.export.save(_torch_export(model, example, dynamic), f)
+        torch.export.save(_torch_export(model, example, dynamic), buffer)
     elif fmt == "torchscript":
         with warnings.catch_warnings():
             # torch.jit is deprecated in favour of torch.export, and warns about constants that
@@ -188,19 +192,47 @@ def _write(model: nn.Module, example: torch.Tensor, fmt: str, path: Path, dynami
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             traced = torch.jit.trace(model, example, check_trace=False)
-            torch.jit.save(traced, str(path))
+            torch.jit.save(traced, buffer)
     elif fmt == "onnx":
         _require("onnxscript", "onnx")
         program = _torch_export(model, example, dynamic)
         if "height" in dynamic or "width" in dynamic:  # the translation bug needs a symbolic `repeats`
             program = program.run_decompositions({torch.ops.aten.repeat_interleave.self_int: _repeat_interleave_int})
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "onnxscript"):
             warnings.simplefilter("ignore", category=UserWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
-            torch.onnx.export(program, (example,), str(path), dynamo=True, input_names=["images"],
-                              output_names=["logits"], opset_version=opset, external_data=False, verbose=False)
+            onnx_program = torch.onnx.export(program, (example,), None, dynamo=True, input_names=["images"],
+                                             output_names=["logits"], opset_version=opset, verbose=False)
+        onnx_program.save(buffer)
+        written = onnx_opset(buffer.getvalue())
+        if opset is not None and written != opset:  # the exporter falls back to its own opset when it cannot convert
+            raise RMTError(f"--opset {opset}: the ONNX exporter cannot convert this model to opset {opset} (it "
+                           f"wrote opset {written}); use {written} or a later opset")
     else:
         raise RMTError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Silence the exporter's own log lines (opset fallbacks, conversion tracebacks): the outcome is
+    checked and reported in one line instead."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def onnx_opset(model: bytes) -> int:
+    """The default-domain opset of a serialized ONNX model."""
+    import onnx  # the export extra
+
+    return next(o.version for o in onnx.load_from_string(model).opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _require(module: str, fmt: str) -> None:
@@ -363,7 +395,6 @@ def export_model(
     path = Path(output)
     if quantize and path.suffix != ".onnx":
         raise RMTError(f"--output {path}: an int8 ONNX model is written to a .onnx file")
-    path.parent.mkdir(parents=True, exist_ok=True)
     float_path = path.with_suffix(".fp32.onnx") if quantize else path
     batch = (batch_size or 1) if static else 2
     example = torch.randn(batch, channels, h, w, generator=torch.Generator().manual_seed(0))
@@ -371,12 +402,13 @@ def export_model(
     if static:
         freeze_masa_tables(graph_model, example)
     try:
-        _write(graph_model, example, fmt, float_path, dynamic, opset)
+        data = _serialize(graph_model, example, fmt, dynamic, opset)
     except RMTError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RMTError(f"exporting to {fmt} failed: {type(e).__name__}: {first[:300]}") from e
+    atomic_write_bytes(float_path, data)
     result = ExportResult(float_path, fmt, (channels, h, w), dynamic, batch_size=batch if static else None)
     shapes = [tuple(example.shape)] if static else verify_shapes((channels, h, w), dynamic)
     if verify:

@@ -43,6 +43,7 @@ from ..classification.predict import Classifier, find_images
 from ..data import BadSample, DigitsDataset, ImageFolderDataset, collate_skip_bad
 from ..data.image import BadImageError
 from ..errors import RMTError
+from ..files import atomic_copy
 from ..training.distributed import DistInfo
 
 __all__ = ["QuantizationReport", "OnnxRuntimeModel", "quantize_onnx", "quantize_export", "run_datasets",
@@ -246,11 +247,13 @@ def quantize_onnx(float_path: str | os.PathLike, int8_path: str | os.PathLike,
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(int8_path), Reader(input_name), quant_format=QuantFormat.QDQ,
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_static(str(prepared), str(quantized), Reader(input_name), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        atomic_copy(quantized, int8_path)  # the output appears whole or not at all
     return int8_path
 
 
