@@ -164,8 +164,7 @@ class RelPos2d(nn.Module):
         return self
 
     def __getstate__(self):
-        state = super().__getstate__()
-        return dict(state, _cache=OrderedDict(), _cache_source=None)  # copies and pickles carry no tables
+        return dict(self.__dict__, _cache=OrderedDict(), _cache_source=None)  # copies and pickles carry no tables
 
     def _build(self, h: int, w: int, dtype: torch.dtype) -> MaSATables:
         """The tables, computed in the buffers' precision (float32 or float64) and cast to ``dtype``."""
