@@ -56,6 +56,18 @@ def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
     assert calls["init"] == {"backend": "nccl", "device_id": torch.device("cuda", 1)}
 
 
+def test_data_parallel_leaves_masa_constants_alone():
+    """DDP re-broadcasts buffers every step, in place; MaSA's decay and angles are the same everywhere, and
+    rewriting them would empty its table cache every step, so they are excluded."""
+    from rmt.models import create_model
+    from rmt.training.run import constant_buffers
+
+    model = create_model("rmt_t")
+    names = constant_buffers(model)
+    assert len(names) == 8 and set(names) == {f"layers.{i}.relpos.{b}" for i in range(4) for b in ("angle", "decay")}
+    assert set(names) <= dict(model.named_buffers()).keys()
+
+
 # ------------------------------------------------------------------------------- precision
 def test_amp_choice_and_tf32(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

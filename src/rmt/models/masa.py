@@ -106,6 +106,10 @@ class RelPos2d(nn.Module):
 
     __jit_ignored_attributes__ = ("_cache", "_cache_source")  # TorchScript skips these (eager cache)
 
+    constant_buffers = ("angle", "decay")
+    """Buffers that training never changes and every process holds alike: data-parallel wrappers need not
+    re-broadcast them (which, written in place, would empty the cache every step; rmt.training.run)."""
+
     def __init__(self, dim: int, num_heads: int, init_value: float, heads_range: float, decomposed: bool):
         super().__init__()
         key_dim = dim // num_heads

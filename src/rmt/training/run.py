@@ -96,6 +96,12 @@ def progress_bar(iterable, enabled: bool = True, **kwargs):
     return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kwargs)
 
 
+def constant_buffers(model: nn.Module) -> List[str]:
+    """The names of the buffers that ``model``'s modules declare constant (``constant_buffers``)."""
+    return [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            for name in getattr(module, "constant_buffers", ())]
+
+
 def default_output(*parts: str, data: Optional[str], demo: str) -> str:
     """``runs/<parts>-<data>-<time>``: where a run goes without ``--output`` (``data`` is the dataset
     root, or ``None`` for the task's bundled ``demo`` data)."""
@@ -214,6 +220,10 @@ class TrainingRun:
                                 "own batch statistics")
         ddp = model
         if self.info.distributed:
+            # buffers a module declares constant (MaSA's decay and angles: the same on every process) are not
+            # re-broadcast each step: rewriting them in place would make MaSA rebuild its tables every step
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, constant_buffers(model))
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                       find_unused_parameters=find_unused_parameters)
