@@ -202,7 +202,7 @@ class _OnnxRunner:
 
     def __init__(self, name: str, model: nn.Module, backend: str, batch: int, size: Tuple[int, int],
                  workdir: Path):
-        from .export import _write, fold_for_export, freeze_masa_tables
+        from .export import fold_for_export, freeze_masa_tables, write_export
         from .quantize import onnx_session, quantize_onnx
 
         self.name, self.mode, self.backend = name, "infer", backend
@@ -213,7 +213,7 @@ class _OnnxRunner:
         float_path = stem.with_suffix(".onnx")
         if not float_path.is_file():  # the float32 and the int8 rows of a model share one export
             graph = freeze_masa_tables(fold_for_export(model), x)
-            _write(graph, x, "onnx", float_path, [], None)
+            write_export(graph, x, "onnx", float_path)
         path = float_path
         if backend == "onnxruntime-int8":
             path = stem.with_suffix(".int8.onnx")

@@ -213,6 +213,12 @@ def _serialize(model: nn.Module, example: torch.Tensor, fmt: str, dynamic: Seque
     return buffer.getvalue()
 
 
+def write_export(model: nn.Module, example: torch.Tensor, fmt: str, path: str | os.PathLike,
+                 dynamic: Sequence[str] = (), opset: int | None = None) -> None:
+    """Export `model` traced on `example` to `path` in `fmt`, written atomically (see `_serialize`)."""
+    atomic_write_bytes(path, _serialize(model, example, fmt, dynamic, opset))
+
+
 @contextlib.contextmanager
 def _quiet_loggers(*names: str):
     """Silence the exporter's own log lines (opset fallbacks, conversion tracebacks): the outcome is
