@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast import tracing
-from .fast.kernel import short_attention, short_attention_applies
-from .fast.ops import fused_linear, gelu_dwconv
+from .fast.kernel import rotate, rotation_applies, short_attention, short_attention_applies
+from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv
 
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
 
@@ -157,16 +157,19 @@ class TokenConv(nn.Module):
         if gelu:
             y = gelu_dwconv(nchw, weight, self.conv.bias, self.conv.padding)
         else:
-            y = F.conv2d(nchw, weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+            y = depthwise_conv(nchw, weight, self.conv.bias, self.conv.padding)
         return y.permute(0, 2, 3, 1)
 
 
 def _rotate(x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
     """Rotary shift of ``(B, h, w, n, d)``: pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
 
-    That is the complex product ``(x0 + i x1) * (cos + i sin)``: one pass over ``x`` when the
-    complex table applies (see :class:`MaSATables`), else the same arithmetic in real numbers.
+    That is the complex product ``(x0 + i x1) * (cos + i sin)``: one pass over ``x`` in the compiled
+    CPU kernel (bfloat16) or as a complex multiply (float32/64, see :class:`MaSATables`), else the
+    same arithmetic in real numbers.
     """
+    if rotation_applies(x, tables.cos):
+        return rotate(x, tables.cos, tables.sin)
     if tables.phase is not None and x.dtype == tables.phase.real.dtype:
         return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * tables.phase).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
@@ -212,8 +215,8 @@ class MaSA(nn.Module):
             out = self._decomposed(q, k, v, tables)
         else:
             tokens = lambda t: t.flatten(1, 2).transpose(1, 2)  # noqa: E731  (b, n, hw, d)
-            out = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v), attn_mask=tables.bias,
-                                                 scale=self.scale).transpose(1, 2).contiguous().unflatten(1, (h, -1))
+            out = attention(tokens(q), tokens(k), tokens(v), tables.bias,
+                            self.scale).transpose(1, 2).contiguous().unflatten(1, (h, -1))
         # the kernel writes its (b, heads, len, d) output in (b, len, heads, d) memory, the token layout,
         # so `.contiguous()` copies nothing here; it is for tracers, whose kernel stand-ins report
         # another layout (and flatten/unflatten with -1 keep symbolic shapes provable for export)
@@ -232,9 +235,9 @@ class MaSA(nn.Module):
     def _attend(self, q, k, v, bias, view, unview) -> torch.Tensor:
         """One decomposed pass over ``(b, h, w, n, d)`` tokens: ``view`` gives the ``(batch, heads, len, d)``
         strided view of them, ``unview`` brings an attention output back to the token layout."""
-        if short_attention_applies(view(q), bias):
-            return short_attention(q, k, v, bias, self.scale, view)
-        return unview(F.scaled_dot_product_attention(view(q), view(k), view(v), attn_mask=bias, scale=self.scale))
+        if short_attention_applies(view(q), bias):  # columns share their head's table: bias[:, :heads]
+            return short_attention(q, k, v, bias[:, :self.num_heads], self.scale, view)
+        return unview(attention(view(q), view(k), view(v), bias, self.scale))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, decomposed={self.decomposed}"

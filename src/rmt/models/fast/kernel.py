@@ -20,17 +20,21 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from . import fast_path_allowed
 
-__all__ = ["short_attention", "short_attention_applies", "use_cpu_kernels", "MAX_SHORT_LENGTH"]
+__all__ = ["short_attention", "short_attention_applies", "rotate", "rotation_applies", "depthwise_weight_grad",
+           "depthwise_grad_applies", "use_cpu_kernels", "MAX_SHORT_LENGTH"]
 
 _logger = logging.getLogger(__name__)
-MAX_SHORT_LENGTH = 32  # longer rows: the flash kernel is as fast (measured)
-_SOURCE = Path(__file__).parent / "csrc" / "short_attention.cpp"
+MAX_SHORT_LENGTH = 64  # compiled lengths
+# where the kernel takes over from scaled_dot_product_attention (measured, see the module doc): the
+# float32 flash kernel is as fast from 33 tokens on; in bfloat16 the kernel is the faster up to 64
+_TAKEN_LENGTH = {torch.float32: 32, torch.bfloat16: 64}
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 _enabled = os.environ.get("RMT_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 _module = None
 _failed = False
@@ -52,7 +56,7 @@ def _load():
 
             capability = torch.backends.cpu.get_cpu_capability().lower()  # -march=native: one build per ISA
             start = time.perf_counter()
-            _module = load(name=f"rmt_short_attention_{capability}", sources=[str(_SOURCE)],
+            _module = load(name=f"rmt_cpu_kernels_{capability}", sources=[str(_SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], verbose=False)
             seconds = time.perf_counter() - start
@@ -72,11 +76,11 @@ def short_attention_applies(q: torch.Tensor, bias: torch.Tensor) -> bool:
     plain eager float32 CPU tensors (not while compiling or tracing, whose graphs hold portable ops,
     nor while FLOPs are counted, which must see the attention as an ATen op), ``L <= 32``, ``D`` of
     16, 32 or 64 (the compiled cases), and the kernel built."""
-    if not _enabled or _failed or q.device.type != "cpu" or q.dtype != torch.float32 or bias.dtype != torch.float32:
+    if not _enabled or _failed or q.device.type != "cpu" or q.dtype not in _TAKEN_LENGTH or bias.dtype != q.dtype:
         return False
     if not fast_path_allowed(q):
         return False
-    if q.shape[-2] > MAX_SHORT_LENGTH or q.shape[-1] not in (16, 32, 64) or bias.requires_grad:
+    if q.shape[-2] > _TAKEN_LENGTH[q.dtype] or q.shape[-1] not in (16, 32, 64) or bias.requires_grad:
         return False
     return _load() is not None
 
@@ -111,3 +115,70 @@ class _ShortAttention(torch.autograd.Function):
         if not _module.backward(view(q), view(k), view(v), bias, ctx.scale, view(grad), *map(view, grads)):
             raise RuntimeError(f"short_attention: no compiled kernel for {tuple(view(q).shape)}")
         return grads[0], grads[1], grads[2], None, None, None
+
+
+def rotation_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether :func:`rotate` takes ``x`` ``(B, h, w, n, d)`` with tables ``cos`` ``(h, w, 1, d)``: on,
+    plain eager bfloat16 CPU tensors (float32 has a one-pass complex multiply of its own), unit
+    stride in ``d``, tables of ``x``'s dtype that need no gradient, and the kernel built."""
+    if not _enabled or _failed or x.device.type != "cpu" or x.dtype != torch.bfloat16 or cos.dtype != x.dtype:
+        return False
+    if not fast_path_allowed(x) or x.dim() != 5 or x.stride(-1) != 1 or cos.requires_grad:
+        return False
+    return _load() is not None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + swap(x) * sin`` in one pass (``swap`` exchanges the members of each channel pair):
+    MaSA's rotation of ``(B, h, w, n, d)`` queries or keys by ``(h, w, 1, d)`` tables. Returns a
+    contiguous tensor; differentiable in ``x``. Check :func:`rotation_applies` first."""
+    return _Rotate.apply(x, cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]))
+
+
+def _rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    tokens = x.flatten(1, 2)  # (B, h*w, n, d): a view for the q/k slices of the fused projection
+    out = torch.empty(tokens.shape, dtype=x.dtype, device=x.device)
+    _module.rotate(tokens, cos, sin, sign, out)
+    return out.view(x.shape)
+
+
+class _Rotate(torch.autograd.Function):
+    """The backward pass rotates the gradient back (the transposed rotation: ``sin`` negated)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate_by(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        return _rotate_by(grad, cos, sin, -1.0), None, None
+
+
+def depthwise_grad_applies(x: torch.Tensor, weight: torch.Tensor, padding,
+                           dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether :func:`depthwise_weight_grad` takes the conv of NCHW ``x`` (computed in ``dtype``, by
+    default ``x``'s) by ``weight`` ``(C, 1, K, K)``: on, plain eager float32/bfloat16 CPU tensors,
+    channels-last ``x`` (unit stride in ``C``), ``C`` a multiple of 16, ``K`` of 3, 5 or 7 with
+    ``padding`` ``K // 2`` (stride 1), and the kernel built."""
+    dtype = x.dtype if dtype is None else dtype
+    if not _enabled or _failed or x.device.type != "cpu" or dtype not in _TAKEN_LENGTH or x.dim() != 4:
+        return False
+    k = weight.shape[-1]
+    if weight.shape != (x.shape[1], 1, k, k) or k not in (3, 5, 7) or tuple(padding) != (k // 2, k // 2):
+        return False
+    if x.stride(1) != 1 or x.shape[1] % 16 or not fast_path_allowed(x):
+        return False
+    return _load() is not None
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> tuple:
+    """Weight ``(C, 1, K, K)`` and bias ``(C,)`` gradients, in float32, of the depthwise stride-1
+    ``conv2d(x, weight, padding=K // 2)`` given its output gradient ``grad`` (``x``'s shape and dtype).
+    Check :func:`depthwise_grad_applies` first."""
+    if grad.stride(1) != 1:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    sums = _module.depthwise_weight_grad(x, grad, kernel_size)  # (C, K*K + 1)
+    return sums[:, :-1].reshape(-1, 1, kernel_size, kernel_size), sums[:, -1]
