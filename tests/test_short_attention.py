@@ -5,6 +5,8 @@ They must be built on this machine (C++ compiler and ninja are dependencies of C
 numbers and gradients on the strided views MaSA passes them, in float32 and bfloat16, run only where
 they apply, and leave tracing and FLOP counting to the PyTorch kernels.
 """
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,27 +239,63 @@ def test_rotation_applies_only_in_bfloat16():
 
 # ------------------------------------------------------------------------- depthwise weight gradient
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("channels,size,k", [(16, (7, 9), 3), (32, (9, 6), 5), (48, (11, 8), 7), (64, (2, 3), 5)])
-def test_depthwise_weight_grad_matches_aten(built, dtype, channels, size, k):
+def test_depthwise_weight_grad_matches_aten(built, dtype, gelu, channels, size, k):
     torch.manual_seed(k)
     x = torch.randn(3, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(3, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(channels, 1, k, k)
-    assert kernels.depthwise_grad_applies(x, weight, (k // 2, k // 2))
-    grad_w, grad_b = kernels.depthwise_weight_grad(x, grad, k)
+    assert kernels.depthwise_applies(x, weight, (k // 2, k // 2))
+    act = F.gelu(x.float()) if gelu else x.float()
+    grad_w, grad_b = kernels.depthwise_weight_grad(x, grad, k, gelu)
     _, want_w, want_b = torch.ops.aten.convolution_backward(
-        grad.float(), x.float(), weight, [channels], [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], channels,
+        grad.float(), act, weight, [channels], [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], channels,
         [False, True, True])
-    # float32 sums of the same (rounded) products in another order
-    torch.testing.assert_close(grad_w, want_w, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad_w, want_w, atol=1e-4, rtol=1e-5)  # float32 sums in another order
     torch.testing.assert_close(grad_b, want_b, atol=1e-4, rtol=1e-5)
 
 
-def test_depthwise_grad_applies_only_where_compiled():
+def test_depthwise_applies_only_where_compiled():
     x = torch.randn(1, 32, 5, 5).contiguous(memory_format=torch.channels_last)
     w3 = torch.randn(32, 1, 3, 3)
-    assert kernels.depthwise_grad_applies(x, w3, (1, 1))
-    assert not kernels.depthwise_grad_applies(x.contiguous(), w3, (1, 1))  # NCHW memory
-    assert not kernels.depthwise_grad_applies(x, w3, (0, 0))  # not "same" padding
-    assert not kernels.depthwise_grad_applies(x[:, :24], torch.randn(24, 1, 3, 3), (1, 1))  # 24 channels
-    assert not kernels.depthwise_grad_applies(x, torch.randn(32, 1, 4, 4), (2, 2))  # even kernel
+    assert kernels.depthwise_applies(x, w3, (1, 1))
+    assert not kernels.depthwise_applies(x.contiguous(), w3, (1, 1))  # NCHW memory
+    assert not kernels.depthwise_applies(x, w3, (0, 0))  # not "same" padding
+    assert not kernels.depthwise_applies(x[:, :24], torch.randn(24, 1, 3, 3), (1, 1))  # 24 channels
+    assert not kernels.depthwise_applies(x, torch.randn(32, 1, 4, 4), (2, 2))  # even kernel
+    assert not kernels.depthwise_applies(x.half(), w3, (1, 1))
+
+
+# ---------------------------------------------------------------------------- portable build
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for x86-64-v3")
+def test_portable_build_without_avx512_matches_sdpa(monkeypatch):
+    """The kernels built for a CPU without AVX-512 (x86-64-v3: AVX2 + FMA): the per-sequence attention
+    kernels and the portable conversions, against the PyTorch ops. Built once (minutes), cached."""
+    from torch.utils.cpp_extension import load
+
+    module = load(name="rmt_cpu_kernels_x86_64_v3_test", sources=[str(kernels._SOURCE)],
+                  extra_cflags=["-O3", "-march=x86-64-v3", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    monkeypatch.setattr(kernels, "_module", module)
+    for dtype, atol in [(torch.float32, 2e-5), (torch.bfloat16, BF16_OUT_ATOL)]:
+        for layout, length, d in [("rows", 14, 32), ("cols", 28, 16), ("rows", 56, 16), ("cols", 17, 64)]:
+            torch.manual_seed(length)
+            q, k, v, bias, view = _views(2, length, length, 3, d, layout)
+            q, k, v, bias = (t.to(dtype) for t in (q, k, v, bias))
+            inputs = [t.float().requires_grad_() for t in (q, k, v)]
+            expected = F.scaled_dot_product_attention(*map(view, inputs), attn_mask=bias.float(), scale=d ** -0.5)
+            grad = torch.randn_like(expected).to(dtype)
+            expected_grads = torch.autograd.grad(expected, inputs, grad.float())
+            own = [t.requires_grad_() for t in (q, k, v)]
+            out = kernels.short_attention(*own, bias, d ** -0.5, view)
+            assert (view(out).float() - expected).abs().max() <= atol
+            for got, want in zip(torch.autograd.grad(view(out), own, grad), expected_grads):
+                assert (got.float() - want).abs().max() <= max(atol, BF16_GRAD_REL * want.abs().max())
+        x = torch.randn(2, 32, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(2, 32, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+        _, want_w, _ = torch.ops.aten.convolution_backward(
+            grad.float(), F.gelu(x.float()), torch.randn(32, 1, 5, 5), None, [1, 1], [2, 2], [1, 1], False, [0, 0], 32,
+            [False, True, False])
+        torch.testing.assert_close(kernels.depthwise_weight_grad(x, grad, 5, gelu=True)[0], want_w, atol=1e-4,
+                                   rtol=1e-5)

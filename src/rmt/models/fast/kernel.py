@@ -27,7 +27,7 @@ import torch
 from . import fast_path_allowed
 
 __all__ = ["short_attention", "short_attention_applies", "rotate", "rotation_applies", "depthwise_weight_grad",
-           "depthwise_grad_applies", "use_cpu_kernels", "MAX_SHORT_LENGTH"]
+           "depthwise_applies", "layer_norm", "layer_norm_applies", "use_cpu_kernels", "MAX_SHORT_LENGTH"]
 
 _logger = logging.getLogger(__name__)
 MAX_SHORT_LENGTH = 64  # compiled lengths
@@ -61,7 +61,7 @@ def _load():
                            extra_ldflags=["-fopenmp"], verbose=False)
             seconds = time.perf_counter() - start
             if seconds > 2:  # it was compiled now, not loaded from the cache
-                _logger.info("compiled the CPU short-attention kernel in %.0f s (cached for later runs)", seconds)
+                _logger.info("compiled the CPU kernels in %.0f s (cached for later runs)", seconds)
         except Exception as e:  # no compiler, no ninja, ...: the PyTorch kernels still work
             _failed = True
             lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
@@ -157,12 +157,11 @@ class _Rotate(torch.autograd.Function):
         return _rotate_by(grad, cos, sin, -1.0), None, None
 
 
-def depthwise_grad_applies(x: torch.Tensor, weight: torch.Tensor, padding,
-                           dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether :func:`depthwise_weight_grad` takes the conv of NCHW ``x`` (computed in ``dtype``, by
-    default ``x``'s) by ``weight`` ``(C, 1, K, K)``: on, plain eager float32/bfloat16 CPU tensors,
-    channels-last ``x`` (unit stride in ``C``), ``C`` a multiple of 16, ``K`` of 3, 5 or 7 with
-    ``padding`` ``K // 2`` (stride 1), and the kernel built."""
+def depthwise_applies(x: torch.Tensor, weight: torch.Tensor, padding, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether :func:`depthwise_weight_grad` takes the conv of NCHW ``x``
+    (computed in ``dtype``, by default ``x``'s) by ``weight`` ``(C, 1, K, K)``: on, plain eager
+    float32/bfloat16 CPU tensors, channels-last ``x`` (unit stride in ``C``), ``C`` a multiple of 16,
+    ``K`` of 3, 5 or 7 with ``padding`` ``K // 2`` (stride 1), and the kernel built."""
     dtype = x.dtype if dtype is None else dtype
     if not _enabled or _failed or x.device.type != "cpu" or dtype not in _TAKEN_LENGTH or x.dim() != 4:
         return False
@@ -174,11 +173,32 @@ def depthwise_grad_applies(x: torch.Tensor, weight: torch.Tensor, padding,
     return _load() is not None
 
 
-def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> tuple:
+def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, gelu: bool = False) -> tuple:
     """Weight ``(C, 1, K, K)`` and bias ``(C,)`` gradients, in float32, of the depthwise stride-1
-    ``conv2d(x, weight, padding=K // 2)`` given its output gradient ``grad`` (``x``'s shape and dtype).
-    Check :func:`depthwise_grad_applies` first."""
+    ``conv2d(act(x), weight, padding=K // 2)`` (``act`` GELU with ``gelu``, else the identity) given
+    its output gradient ``grad`` (``x``'s shape and dtype). Check :func:`depthwise_applies` first."""
     if grad.stride(1) != 1:
         grad = grad.contiguous(memory_format=torch.channels_last)
-    sums = _module.depthwise_weight_grad(x, grad, kernel_size)  # (C, K*K + 1)
+    sums = _module.depthwise_weight_grad(x, grad, kernel_size, gelu)  # (C, K*K + 1)
     return sums[:, :-1].reshape(-1, 1, kernel_size, kernel_size), sums[:, -1]
+
+
+def layer_norm_applies(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
+    """Whether :func:`layer_norm` takes ``norm(x)``: on, inference (no gradient), plain eager contiguous
+    float32/bfloat16 CPU ``x``, a norm over its last dimension, a multiple of 16, with float32 weight
+    and bias, and the kernel built."""
+    if not _enabled or _failed or x.device.type != "cpu" or x.dtype not in _TAKEN_LENGTH or not x.is_contiguous():
+        return False
+    weight, bias = norm.weight, norm.bias
+    if tuple(norm.normalized_shape) != (x.shape[-1],) or x.shape[-1] % 16 or weight is None or bias is None:
+        return False
+    if weight.dtype != torch.float32 or bias.dtype != torch.float32 or not fast_path_allowed(x):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return False
+    return _load() is not None
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """``norm(x)`` in ``x``'s dtype with float32 statistics, for inference. Check :func:`layer_norm_applies`."""
+    return _module.layer_norm(x, norm.weight.detach(), norm.bias.detach(), norm.eps)

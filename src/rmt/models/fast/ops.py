@@ -12,10 +12,12 @@ training, other devices and dtypes, tracing and export (whose graphs must hold p
 is the same arithmetic in plain ops. The two agree to rounding (different GEMM blocking), which the
 tests bound. Both return the compute dtype (under autocast: autocast's, layer scale included).
 
-**GELU + depthwise conv** (the FFN's middle, ``conv(gelu(h))`` on the widest tensor of the block).
-Autograd would keep both ``h`` (for GELU's backward) and ``gelu(h)`` (for the conv's weight
-gradient); :func:`gelu_dwconv` keeps only ``h`` and recomputes ``gelu(h)`` in the backward pass.
-That is one elementwise pass more per block and a third less FFN activation memory in training.
+**Depthwise convolutions** (:func:`depthwise_conv`, and :func:`gelu_dwconv` for the FFN's middle,
+``conv(gelu(h))`` on the widest tensor of the block). In CPU training their weight gradient comes
+from a compiled kernel (:mod:`rmt.models.fast.kernel`): oneDNN's is 5-25x slower than its forward
+pass on these shapes. Autograd would keep both ``h`` (for GELU's backward) and ``gelu(h)`` (for the
+conv's weight gradient); :func:`gelu_dwconv` keeps only ``h``, a third less FFN activation memory in
+training; the kernel applies GELU as it reads ``h`` (without it, ``gelu(h)`` is recomputed).
 
 **Attention** (:func:`attention`): ``scaled_dot_product_attention``, except for CPU training passes
 in bfloat16 or float16, which run in float32: the CPU flash kernel's reduced-precision backward is
@@ -30,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import compute_dtype, fast_path_allowed
-from .kernel import depthwise_grad_applies, depthwise_weight_grad
+from . import kernel
 
-__all__ = ["fused_linear", "gelu_dwconv", "depthwise_conv", "attention", "use_onednn"]
+__all__ = ["fused_linear", "gelu_dwconv", "depthwise_conv", "layer_norm", "attention", "use_onednn"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # dtypes the oneDNN path runs in: bfloat16 where oneDNN has bf16 kernels for this CPU (AVX512-BF16/AMX,
@@ -94,26 +96,36 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False, scale
     return y if residual is None else residual + y
 
 
-def _depthwise_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, padding, has_bias: bool,
-                        needs) -> tuple:
-    """Gradients of ``conv2d(x, weight, bias, padding, groups=C)`` (depthwise, stride 1) for ``x``,
-    ``weight`` and the bias, each where ``needs`` asks for it, in the dtypes of ``x`` and ``weight``.
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, gelu: bool = False
+          ) -> torch.Tensor:
+    """``conv2d(act(x), weight, bias, padding, groups=C)`` in ``x``'s dtype (``act`` GELU with ``gelu``)."""
+    return F.conv2d(F.gelu(x) if gelu else x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                    padding=padding, groups=weight.shape[0])
 
-    With the compiled kernel (see :func:`rmt.models.fast.kernel.depthwise_grad_applies`) the input
-    gradient is the forward conv of ``grad`` by the flipped kernel (oneDNN's fast path) and the
-    weight gradient comes from the kernel; else ``convolution_backward``."""
+
+def _depthwise_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, padding, has_bias: bool,
+                        needs, gelu: bool = False) -> tuple:
+    """Gradients of ``conv2d(act(x), weight, bias, padding, groups=C)`` (depthwise, stride 1;
+    ``act`` GELU with ``gelu``) for ``act(x)``, ``weight`` and the bias, each where ``needs`` asks
+    for it, in the dtypes of ``x`` and ``weight`` (the bias's in float32).
+
+    With the compiled kernel the input gradient is the forward conv of ``grad`` by the flipped kernel
+    (oneDNN's forward pass is 1.5-2x faster than its input gradient here) and the weight gradient
+    comes from the kernel (``act`` applied on the fly); else both come from ``convolution_backward``."""
     groups = weight.shape[0]
-    if depthwise_grad_applies(x, weight, padding):
+    grad_x = grad_w = grad_b = None
+    if kernel.depthwise_applies(x, weight, padding):
+        grad = grad.to(x.dtype)
         grad = grad if grad.stride(1) == 1 else grad.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_w = grad_b = None
         if needs[0]:
-            grad_x = F.conv2d(grad, weight.flip((-1, -2)).to(grad.dtype), padding=padding, groups=groups)
+            grad_x = _conv(grad, weight.flip((-1, -2)), None, padding)
         if needs[1] or (has_bias and needs[2]):
-            grad_w, grad_b = depthwise_weight_grad(x, grad.to(x.dtype), weight.shape[-1])
+            grad_w, grad_b = kernel.depthwise_weight_grad(x, grad, weight.shape[-1], gelu)
     else:
+        activation = F.gelu(x) if gelu else x
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, weight.to(x.dtype), [groups] if has_bias else None, [1, 1], list(padding), [1, 1], False, [0, 0],
-            groups, [needs[0], needs[1], has_bias and needs[2]])
+            grad, activation, weight.to(x.dtype), [groups] if has_bias else None, [1, 1], list(padding), [1, 1],
+            False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
     grad_w = None if grad_w is None or not needs[1] else grad_w.to(weight.dtype)
     grad_b = None if grad_b is None or not (has_bias and needs[2]) else grad_b
     return grad_x, grad_w, grad_b
@@ -127,8 +139,7 @@ class _DepthwiseConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.padding, ctx.has_bias = padding, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=padding,
-                        groups=weight.shape[0])
+        return _conv(x, weight, bias, padding)
 
     @staticmethod
     def backward(ctx, grad):
@@ -143,10 +154,10 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     Under autograd, where the compiled weight gradient applies, its backward pass uses it; otherwise
     it is the plain op. Either way it computes in the compute dtype (autocast's, else ``x``'s).
     """
+    dtype = compute_dtype(x)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    dtype = compute_dtype(x)
-    if needs_grad and depthwise_grad_applies(x, weight, padding, dtype):
+    if needs_grad and kernel.depthwise_applies(x, weight, padding, dtype):
         return _DepthwiseConv.apply(x.to(dtype), weight, bias, tuple(padding))
     return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
 
@@ -159,17 +170,14 @@ class _GeluDWConv(torch.autograd.Function):
         ctx.save_for_backward(h, weight)
         ctx.padding, ctx.has_bias = padding, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        w = weight.to(h.dtype)
-        return F.conv2d(F.gelu(h), w, None if bias is None else bias.to(h.dtype), padding=padding,
-                        groups=weight.shape[0])
+        return _conv(h, weight, bias, padding, gelu=True)
 
     @staticmethod
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
-        activation = F.gelu(h)  # recomputed instead of stored
-        grad_act, grad_w, grad_b = _depthwise_backward(activation, weight, grad, ctx.padding, ctx.has_bias,
-                                                       ctx.needs_input_grad)
-        grad_h = torch.ops.aten.gelu_backward(grad_act, h) if ctx.needs_input_grad[0] else None
+        needs = ctx.needs_input_grad
+        grad_act, grad_w, grad_b = _depthwise_backward(h, weight, grad, ctx.padding, ctx.has_bias, needs, gelu=True)
+        grad_h = torch.ops.aten.gelu_backward(grad_act, h) if needs[0] else None
         grad_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None
 
@@ -177,16 +185,26 @@ class _GeluDWConv(torch.autograd.Function):
 def gelu_dwconv(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding) -> torch.Tensor:
     """Depthwise ``conv2d(gelu(h), weight, bias, padding)`` of an NCHW (or channels-last) ``h``.
 
-    Under autograd it stores ``h`` alone (see the module doc); otherwise it is the plain ops. Either
+    Under autograd it stores ``h`` alone (see the module doc); with the compiled weight gradient,
+    which applies GELU as it reads ``h``, the backward pass does not recompute ``gelu(h)``. Either
     way it computes in the compute dtype (autocast's, else ``h``'s).
     """
+    dtype = compute_dtype(h)
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     if needs_grad and fast_path_allowed(h):
         # autocast would run the conv (and so GELU's output) in its dtype: cast h first, then all of
         # the function's ops run in that dtype whether autocast is on or not (any device, meta too)
-        return _GeluDWConv.apply(h.to(compute_dtype(h)), weight, bias, tuple(padding))
+        return _GeluDWConv.apply(h.to(dtype), weight, bias, tuple(padding))
     return F.conv2d(F.gelu(h), weight.to(h.dtype), None if bias is None else bias.to(h.dtype), padding=padding,
                     groups=weight.shape[0])
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm(x)``: in CPU inference the compiled kernel (ATen's runs at a third of the memory speed in
+    bfloat16; see :func:`rmt.models.fast.kernel.layer_norm_applies`), else the module."""
+    if kernel.layer_norm_applies(x, norm):
+        return kernel.layer_norm(x, norm)
+    return norm(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
 // RMT's compiled CPU kernels: softmax attention over many short sequences (length <= 64), the shape
 // of MaSA's decomposed passes; the rotation of queries and keys (rmt::rotate); and the weight
-// gradient of the depthwise convolutions (rmt::depthwise_weight_grad).
+// gradient of the depthwise convolutions (rmt::depthwise_weight_grad); the blocks' layer norm in
+// inference (rmt::layer_norm).
 //
 // out[s, h, i, :] = sum_j softmax_j(scale * q[s, h, i, :] . k[s, h, j, :] + bias[0, h, i, j]) v[s, h, j, :]
 //
@@ -91,7 +92,53 @@ inline vec16 load16(const bf16_t* p) {  // widened: the bfloat16 bits become a f
   return v;
 }
 inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store16(bf16_t* p, vec16 v) {  // rounded to nearest even
+  u32x16 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  const u16x16 h = __builtin_convertvector(bits >> 16, u16x16);
+  std::memcpy(p, &h, sizeof(h));
+}
 inline vec16 splat(float x) { return vec16{} + x; }
+
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+// (v[1], v[0], v[3], v[2], ...): the other member of each channel pair
+inline vec16 swap_pairs(vec16 v) {
+#if defined(__clang__)
+  return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#else
+  return __builtin_shuffle(v, i32x16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#endif
+}
+
+// exp(x) for x <= ~0 in 16 lanes (exp_nonpositive's reduction and polynomial; rounding to the
+// nearest integer as truncation of x * log2(e) - 0.5)
+inline vec16 exp16v(vec16 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const i32x16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);
+  const vec16 n = __builtin_convertvector(ni, vec16);
+  const vec16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vec16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i32x16 bits = (ni + 127) << 23;
+  vec16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// GELU (exact, erf form) in 16 lanes: erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7)
+inline vec16 gelu16(vec16 x) {
+  const vec16 z = (x < 0.0f ? -x : x) * 0.70710678118654752f;
+  const vec16 t = 1.0f / (1.0f + 0.3275911f * z);
+  const vec16 poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const vec16 erf_abs = 1.0f - poly * exp16v(-(z * z));
+  return 0.5f * x * (1.0f + (x < 0.0f ? -erf_abs : erf_abs));
+}
 
 // out[0:D] = src[0:D] * sc in T (D a multiple of 16)
 template <int D>
@@ -289,8 +336,7 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  return _mm512_scalef_ps(p, n);  // p * 2^n
 }
 
 // The 16 sequences of a group: lane l reads rows at base[l] + i * row_stride (a zero row for lanes
@@ -800,20 +846,22 @@ bool dispatch_shape(int64_t D, int64_t L, const F& f) {
   return false;
 }
 
+// The lane-parallel kernels where AVX-512 is compiled in (the per-sequence ones are then not built),
+// else the per-sequence kernels. False for a shape without a compiled case.
 template <typename T>
 bool forward(const T* qp, const T* kp, const T* vp, const T* bp, T* op, float sc, int64_t S, int64_t H, int64_t Hb,
              int64_t L, int64_t D, Strides qs, Strides ks, Strides vs, Strides os) {
 #ifdef RMT_LANES
-  if (L <= 64 && (D == 16 || D == 32 || D == 64)) {
-    if (D == 16) attend_lanes<T, 16>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
-    if (D == 32) attend_lanes<T, 32>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
-    if (D == 64) attend_lanes<T, 64>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
-    return true;
-  }
-#endif
+  if (L > 64 || (D != 16 && D != 32 && D != 64)) return false;
+  if (D == 16) attend_lanes<T, 16>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
+  if (D == 32) attend_lanes<T, 32>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
+  if (D == 64) attend_lanes<T, 64>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
+  return true;
+#else
   return dispatch_shape(D, L, [&]<int d, int lp>() {
     attend<T, d, lp, 4>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
   });
+#endif
 }
 
 template <typename T>
@@ -821,16 +869,16 @@ bool backward(const T* qp, const T* kp, const T* vp, const T* bp, const T* gp, T
               int64_t S, int64_t H, int64_t Hb, int64_t L, int64_t D, Strides qs, Strides ks, Strides vs, Strides gs,
               Strides dqs, Strides dks, Strides dvs) {
 #ifdef RMT_LANES
-  if (L <= 64 && (D == 16 || D == 32 || D == 64)) {
-    if (D == 16) attend_lanes_backward<T, 16>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
-    if (D == 32) attend_lanes_backward<T, 32>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
-    if (D == 64) attend_lanes_backward<T, 64>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
-    return true;
-  }
-#endif
+  if (L > 64 || (D != 16 && D != 32 && D != 64)) return false;
+  if (D == 16) attend_lanes_backward<T, 16>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
+  if (D == 32) attend_lanes_backward<T, 32>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
+  if (D == 64) attend_lanes_backward<T, 64>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
+  return true;
+#else
   return dispatch_shape(D, L, [&]<int d, int lp>() {
     attend_backward<T, d, lp>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
   });
+#endif
 }
 
 // Rotation (MaSA's rotary shift of queries and keys), one pass over x:
@@ -841,6 +889,7 @@ bool backward(const T* qp, const T* kp, const T* vp, const T* bp, const T* gp, T
 template <typename T>
 void rotate(const T* xp, const T* cp, const T* sp, T* op, float sign, int64_t B, int64_t P, int64_t N, int64_t D,
             Strides xs) {
+  const int64_t Dv = D / 16 * 16;  // whole vectors; the rest pair by pair
   parallel_over(B * P, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / P, pos = item % P;
@@ -849,7 +898,11 @@ void rotate(const T* xp, const T* cp, const T* sp, T* op, float sign, int64_t B,
       for (int64_t n = 0; n < N; ++n) {
         const T* x = xp + b * xs.s + pos * xs.h + n * xs.l;
         T* o = op + (item * N + n) * D;
-        for (int64_t d = 0; d < D; d += 2) {
+        for (int64_t d = 0; d < Dv; d += 16) {
+          const vec16 xv = load16(x + d);
+          store16(o + d, xv * load16(c + d) + sign * swap_pairs(xv) * load16(sn + d));
+        }
+        for (int64_t d = Dv; d < D; d += 2) {
           const float x0 = widen(x[d]), x1 = widen(x[d + 1]);
           narrow(x0 * widen(c[d]) + sign * x1 * widen(sn[d]), o + d);
           narrow(x1 * widen(c[d + 1]) + sign * x0 * widen(sn[d + 1]), o + d + 1);
@@ -859,57 +912,119 @@ void rotate(const T* xp, const T* cp, const T* sp, T* op, float sign, int64_t B,
   });
 }
 
-// Weight and bias gradients of a depthwise, stride-1 convolution with a K x K kernel and padding K/2
-// (MaSA's LePE and the blocks' 3x3 convolutions), over channels-last tensors:
-//   dw[c, ky, kx] = sum_{b, y, x} g[b, y, x, c] in[b, y + ky - K/2, x + kx - K/2, c]  (0 outside)
-//   db[c]         = sum_{b, y, x} g[b, y, x, c]
-// oneDNN's weight gradient for these shapes is 5-25x slower than its forward pass (bfloat16 5x5
-// worst). Here 16 channels go together in a vector and the K*K sums stay in registers while a
-// task walks over one image. in, g: (B, H, W, C) element strides, unit stride in C; C a multiple of
-// 16. partial: (B, K*K + 1, C) float32 sums per image (the bias gradient last), summed by the caller.
+// The weight gradient of depthwise, stride-1 convolutions with a K x K kernel and padding K/2 (MaSA's
+// LePE, the blocks' 3x3 convolutions, the FFN's GELU + 3x3) over channels-last tensors, 16 channels
+// per vector. oneDNN's weight gradient for these shapes is 5-25x slower than its forward pass
+// (bfloat16 5x5 worst; its forward pass is fine and is used). A task takes one image and 16 channels
+// and walks down the rows, keeping the K input rows it needs widened to float32 (and passed through
+// GELU, for conv(gelu(h))) in a ring of zero-padded rows: each input is converted once and the
+// inner loop has no bounds; the K*K sums stay in registers.
 struct Strides4 {
   int64_t b, h, w;
 };
 
-template <typename T, int K>
+// The K input rows around output row y of one image and 16 channels: float32 (passed through GELU for
+// a conv of gelu(h)), zero-padded by K/2 on both sides; rows outside the image are zero.
+template <typename T, int K, bool kGelu>
+class RowRing {
+ public:
+  explicit RowRing(int64_t W)
+      : W_(W), Wp_(W + 2 * (K / 2)), data_(static_cast<vec16*>(std::aligned_alloc(64, K * Wp_ * 64))) {}
+  ~RowRing() { std::free(data_); }
+  RowRing(const RowRing&) = delete;
+  RowRing& operator=(const RowRing&) = delete;
+
+  void reset() { first_ = true; }
+  // Loads rows y - K/2 .. y + K/2 of src (rows at src + yy * row_stride, columns col_stride apart),
+  // reusing those already loaded for y - 1.
+  void advance(const T* src, int64_t y, int64_t H, int64_t row_stride, int64_t col_stride) {
+    constexpr int P = K / 2;
+    for (int64_t yy = first_ ? y - P : y + P; yy <= y + P; ++yy) {
+      vec16* row = slot(yy);
+      for (int i = 0; i < P; ++i) row[i] = row[Wp_ - P + i] = vec16{};
+      if (yy < 0 || yy >= H) {
+        for (int64_t x = 0; x < W_; ++x) row[P + x] = vec16{};
+      } else {
+        const T* line = src + yy * row_stride;
+        for (int64_t x = 0; x < W_; ++x) {
+          const vec16 value = load16(line + x * col_stride);
+          row[P + x] = kGelu ? gelu16(value) : value;
+        }
+      }
+    }
+    first_ = false;
+  }
+  // padded row for output row y and tap ky: element x + kx is input column x + kx - K/2
+  const vec16* row(int64_t y, int ky) const { return slot(y + ky - K / 2); }
+
+ private:
+  vec16* slot(int64_t yy) const { return data_ + ((yy + K) % K) * Wp_; }
+  int64_t W_, Wp_;
+  vec16* data_;
+  bool first_ = true;
+};
+
+// Weight and bias gradients of out = conv2d(act(in), w, bias) (act = GELU with kGelu, else identity):
+//   dw[c, ky, kx] = sum_{b, y, x} g[b, y, x, c] act(in)[b, y + ky - K/2, x + kx - K/2, c]
+//   db[c]         = sum_{b, y, x} g[b, y, x, c]
+// partial: (B, K*K + 1, C) float32 sums per image (the bias gradient last), summed by the caller.
+template <typename T, int K, bool kGelu>
 void depthwise_weight_grad(const T* in, const T* g, float* partial, int64_t B, int64_t H, int64_t W, int64_t C,
                            Strides4 is, Strides4 gs) {
-  constexpr int P = K / 2;
   const int64_t blocks = C / 16;
   parallel_over(B * blocks, 1, [&](int64_t begin, int64_t end) {
+    RowRing<T, K, kGelu> ring(W);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks, c0 = (item % blocks) * 16;
+      ring.reset();
       vec16 acc[K][K] = {};
       vec16 acc_bias = {};
       for (int64_t y = 0; y < H; ++y) {
-        const T* rows[K];
-        bool row_ok[K];
-        for (int ky = 0; ky < K; ++ky) {
-          const int64_t yy = y + ky - P;
-          row_ok[ky] = yy >= 0 && yy < H;
-          rows[ky] = in + b * is.b + (row_ok[ky] ? yy : 0) * is.h + c0;
-        }
+        ring.advance(in + b * is.b + c0, y, H, is.h, is.w);
+        const vec16* rows[K];
+        for (int ky = 0; ky < K; ++ky) rows[ky] = ring.row(y, ky);
         const T* grow = g + b * gs.b + y * gs.h + c0;
         for (int64_t x = 0; x < W; ++x) {
           const vec16 gv = load16(grow + x * gs.w);
           acc_bias += gv;
-          const bool inside = x >= P && x + P < W;
-          for (int ky = 0; ky < K; ++ky) {
-            if (!row_ok[ky]) continue;
-            const T* row = rows[ky] + (x - P) * is.w;
-            if (inside) {
-              for (int kx = 0; kx < K; ++kx) acc[ky][kx] += gv * load16(row + kx * is.w);
-            } else {
-              for (int kx = 0; kx < K; ++kx)
-                if (x + kx - P >= 0 && x + kx - P < W) acc[ky][kx] += gv * load16(row + kx * is.w);
-            }
-          }
+          for (int ky = 0; ky < K; ++ky)
+            for (int kx = 0; kx < K; ++kx) acc[ky][kx] += gv * rows[ky][x + kx];
         }
       }
       float* out = partial + b * (K * K + 1) * C + c0;
       for (int ky = 0; ky < K; ++ky)
         for (int kx = 0; kx < K; ++kx) store16(out + (ky * K + kx) * C, acc[ky][kx]);
       store16(out + K * K * C, acc_bias);
+    }
+  });
+}
+
+// Layer norm over the last dimension of N rows of C channels (C a multiple of 16), float32 statistics
+// (two passes over the row, in cache), for inference: ATen's CPU kernel runs at a third of the
+// memory speed in bfloat16. in, out: rows row_stride elements apart, unit stride in C.
+template <typename T>
+void layer_norm(const T* in, const float* weight, const float* bias, T* out, int64_t N, int64_t C, int64_t in_stride,
+                int64_t out_stride, float eps) {
+  const int64_t V = C / 16;
+  parallel_over(N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* x = in + n * in_stride;
+      vec16 sum = {};
+      for (int64_t v = 0; v < V; ++v) sum += load16(x + 16 * v);
+      float mean = 0.0f;
+      for (int l = 0; l < 16; ++l) mean += sum[l];
+      mean /= static_cast<float>(C);
+      vec16 sq = {};
+      for (int64_t v = 0; v < V; ++v) {
+        const vec16 d = load16(x + 16 * v) - mean;
+        sq += d * d;
+      }
+      float var = 0.0f;
+      for (int l = 0; l < 16; ++l) var += sq[l];
+      const float rstd = 1.0f / std::sqrt(var / static_cast<float>(C) + eps);
+      T* y = out + n * out_stride;
+      for (int64_t v = 0; v < V; ++v)
+        store16(y + 16 * v, (load16(x + 16 * v) - mean) * rstd * load16(weight + 16 * v) + load16(bias + 16 * v));
     }
   });
 }
@@ -1018,38 +1133,68 @@ void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, d
                              mutable_data<rmt::bf16_t>(out), sg, x.size(0), x.size(1), x.size(2), x.size(3), xs);
 }
 
-// Weight and bias gradients of a depthwise stride-1 conv2d with padding K/2 (see
-// rmt::depthwise_weight_grad): input and grad_out are (B, C, H, W) views with channels-last memory
-// (unit stride in C), float32 or bfloat16 alike, C a multiple of 16. Returns (C, K*K + 1) float32:
-// the K*K weight gradients of each channel, then its bias gradient; an empty tensor for a kernel
-// size without a compiled case.
-at::Tensor depthwise_weight_grad(const at::Tensor& input, const at::Tensor& grad_out, int64_t kernel_size) {
+void check_depthwise(const at::Tensor& input, const at::Tensor& other, const char* name) {
   check_dtype(input);
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type() && input.dim() == 4 && grad_out.sizes() == input.sizes() &&
-              input.stride(1) == 1 && grad_out.stride(1) == 1 && input.size(1) % 16 == 0 && input.device().is_cpu(),
-              "input, grad_out: CPU (B, C, H, W) tensors alike with unit stride in C, C a multiple of 16");
+  TORCH_CHECK(other.scalar_type() == input.scalar_type() && input.dim() == 4 && other.sizes() == input.sizes() &&
+              input.stride(1) == 1 && other.stride(1) == 1 && input.size(1) % 16 == 0 && input.device().is_cpu(),
+              "input, ", name, ": CPU (B, C, H, W) tensors alike with unit stride in C, C a multiple of 16");
+}
+
+template <typename F>
+bool with_kernel(const at::Tensor& input, int64_t K, bool gelu, const F& f) {
+  auto typed = [&]<typename T>() {
+    auto sized = [&]<int k>() { gelu ? f.template operator()<T, k, true>() : f.template operator()<T, k, false>(); };
+    if (K == 3) sized.template operator()<3>();
+    if (K == 5) sized.template operator()<5>();
+    if (K == 7) sized.template operator()<7>();
+  };
+  if (K != 3 && K != 5 && K != 7) return false;
+  if (input.scalar_type() == at::kFloat) typed.template operator()<float>();
+  else typed.template operator()<rmt::bf16_t>();
+  return true;
+}
+
+// Weight and bias gradients of a depthwise stride-1 conv2d with padding K/2 of act(input) (see
+// rmt::depthwise_weight_grad; act = GELU when gelu): input, grad_out: (B, C, H, W) views with
+// channels-last memory (unit stride in C), float32 or bfloat16 alike, C a multiple of 16. Returns (C, K*K + 1) float32: the K*K weight gradients of each channel, then its
+// bias gradient; an empty tensor for a kernel size without a compiled case.
+at::Tensor depthwise_weight_grad(const at::Tensor& input, const at::Tensor& grad_out, int64_t kernel_size, bool gelu) {
+  check_depthwise(input, grad_out, "grad_out");
   const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t K = kernel_size;
-  if (K != 3 && K != 5 && K != 7) return at::Tensor();
   at::Tensor partial = at::empty({B, K * K + 1, C}, input.options().dtype(at::kFloat));
   const rmt::Strides4 is{input.stride(0), input.stride(2), input.stride(3)};
   const rmt::Strides4 gs{grad_out.stride(0), grad_out.stride(2), grad_out.stride(3)};
-  auto run = [&]<typename T>() {
-    const T* ip = data<T>(input);
-    const T* gp = data<T>(grad_out);
-    float* pp = partial.data_ptr<float>();
-    if (K == 3) rmt::depthwise_weight_grad<T, 3>(ip, gp, pp, B, H, W, C, is, gs);
-    if (K == 5) rmt::depthwise_weight_grad<T, 5>(ip, gp, pp, B, H, W, C, is, gs);
-    if (K == 7) rmt::depthwise_weight_grad<T, 7>(ip, gp, pp, B, H, W, C, is, gs);
-  };
-  if (input.scalar_type() == at::kFloat) run.template operator()<float>();
-  else run.template operator()<rmt::bf16_t>();
-  return partial.sum(0).t().contiguous();
+  const bool compiled = with_kernel(input, K, gelu, [&]<typename T, int k, bool g>() {
+    rmt::depthwise_weight_grad<T, k, g>(data<T>(input), data<T>(grad_out), partial.data_ptr<float>(), B, H, W, C, is,
+                                        gs);
+  });
+  return compiled ? partial.sum(0).t().contiguous() : at::Tensor();
+}
+
+// Layer norm of (..., C) rows (see rmt::layer_norm): input contiguous, float32 or bfloat16, C a multiple
+// of 16; weight, bias: (C) float32. Returns a new tensor like input.
+at::Tensor layer_norm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_dtype(input);
+  const int64_t C = input.size(-1);
+  TORCH_CHECK(input.device().is_cpu() && input.is_contiguous() && C % 16 == 0, "input: contiguous CPU (..., C), C % 16 == 0");
+  for (const at::Tensor* t : {&weight, &bias})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat && t->numel() == C, "weight/bias: float32 (C)");
+  at::Tensor out = at::empty_like(input);
+  const int64_t N = input.numel() / C;
+  if (input.scalar_type() == at::kFloat)
+    rmt::layer_norm<float>(data<float>(input), weight.data_ptr<float>(), bias.data_ptr<float>(),
+                           mutable_data<float>(out), N, C, C, C, static_cast<float>(eps));
+  else
+    rmt::layer_norm<rmt::bf16_t>(data<rmt::bf16_t>(input), weight.data_ptr<float>(), bias.data_ptr<float>(),
+                                 mutable_data<rmt::bf16_t>(out), N, C, C, C, static_cast<float>(eps));
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("layer_norm", &layer_norm, "layer norm over the last dimension, for inference (CPU)");
   m.def("depthwise_weight_grad", &depthwise_weight_grad,
-        "weight and bias gradients of a depthwise stride-1 conv2d over channels-last tensors (CPU)");
+        "weight and bias gradients of a depthwise stride-1 conv2d (of GELU) over channels-last tensors (CPU)");
   m.def("rotate", &rotate, "MaSA's rotary shift of (B, P, N, D) tokens by (P, D) tables (CPU, float32 or bfloat16)");
   m.def("forward", &short_attention_forward, "softmax attention over short sequences (CPU, float32 or bfloat16)");
   m.def("backward", &short_attention_backward, "its gradients with respect to q, k and v");
