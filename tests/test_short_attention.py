@@ -94,6 +94,45 @@ def test_bias_shared_across_heads(built):
     torch.testing.assert_close(view(out), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotation_matches_rotating_first(built, dtype):
+    """MaSA's decomposed passes with q and k rotated as the kernel reads them (AVX-512 builds) against
+    the same passes on q and k rotated beforehand, forward and gradients."""
+    if not kernels._module.fused_rotation:
+        pytest.skip("this build does not fuse the rotation (no AVX-512)")
+    torch.manual_seed(5)
+    b, h, w, n, d = 2, 6, 9, 2, 32
+    qkv = torch.randn(b, h, w, 3 * n * d).to(dtype)
+    q, k, v = (t.unflatten(-1, (n, d)).requires_grad_() for t in qkv.detach().split(n * d, -1))
+    angle = torch.rand(h * w, d // 2).repeat_interleave(2, -1) * 6
+    cos, sin = angle.cos().to(dtype), (angle.sin() * torch.tensor([-1.0, 1.0]).repeat(d // 2)).to(dtype)
+    rows = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731
+    cols = lambda t: t.flatten(2, 3).transpose(1, 2)  # noqa: E731
+    bias_w, bias_h = torch.randn(1, n, w, w).to(dtype), torch.randn(1, n, h, h).to(dtype)
+
+    def passes(fused: bool):
+        if fused:
+            x = kernels.short_attention(q, k, v, bias_w, d ** -0.5, rows, (cos, sin, (h, w, 1, 1, 0)))
+            return kernels.short_attention(q, k, x, bias_h, d ** -0.5, cols, (cos, sin, (1, 0, w, n, 1)))
+        table = lambda t: t.reshape(h, w, 1, d)  # noqa: E731
+        qr, kr = (kernels.rotate(t, table(cos), table(sin)) if dtype == torch.bfloat16 else
+                  t * table(cos) + t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * table(sin) for t in (q, k))
+        x = kernels.short_attention(qr, kr, v, bias_w, d ** -0.5, rows)
+        return kernels.short_attention(qr, kr, x, bias_h, d ** -0.5, cols)
+
+    grad = torch.randn(b, h, w, n, d).to(dtype)
+    fused = passes(True)
+    fused_grads = torch.autograd.grad(fused, (q, k, v), grad)
+    plain = passes(False)
+    plain_grads = torch.autograd.grad(plain, (q, k, v), grad)
+    # float32: the same products in another order; bfloat16: the same roundings (rotated q and k are
+    # rounded to bfloat16 in both), gradients rounded once more on the unfused path
+    atol = 1e-5 if dtype == torch.float32 else BF16_OUT_ATOL
+    assert (fused.float() - plain.float()).abs().max() <= atol
+    for got, want in zip(fused_grads, plain_grads):
+        assert (got.float() - want.float()).abs().max() <= max(atol, BF16_GRAD_REL * want.float().abs().max())
+
+
 def test_large_scores_stay_finite(built):
     """Softmax subtracts the row maximum: scores of +-1e4 must not overflow."""
     q, k, v, bias, view = _views(1, 14, 14, 2, 32, "rows")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast import tracing
-from .fast.kernel import rotate, rotation_applies, short_attention, short_attention_applies
+from .fast.kernel import fused_rotation_applies, rotate, rotation_applies, short_attention, short_attention_applies
 from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv
 
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
@@ -208,12 +208,11 @@ class MaSA(nn.Module):
         if v.requires_grad:  # saved by LePE and attention: a copy of its own lets the q/k part be freed
             v = v.contiguous()
         lepe = self.lepe(v)
-        q = _rotate(q.unflatten(-1, (n, d)), tables)  # (b, h, w, n, d), contiguous
-        k = _rotate(k.unflatten(-1, (n, d)), tables)
-        v = v.unflatten(-1, (n, d))
+        q, k, v = (t.unflatten(-1, (n, d)) for t in (q, k, v))  # (b, h, w, n, d)
         if self.decomposed:
             out = self._decomposed(q, k, v, tables)
         else:
+            q, k = _rotate(q, tables), _rotate(k, tables)
             tokens = lambda t: t.flatten(1, 2).transpose(1, 2)  # noqa: E731  (b, n, hw, d)
             out = attention(tokens(q), tokens(k), tokens(v), tables.bias,
                             self.scale).transpose(1, 2).contiguous().unflatten(1, (h, -1))
@@ -223,14 +222,24 @@ class MaSA(nn.Module):
         return fused_linear(out.flatten(-2) + lepe, self.out_proj, scale=scale, residual=residual)
 
     def _decomposed(self, q, k, v, tables: MaSATables) -> torch.Tensor:
+        """Row then column passes over unrotated ``(b, h, w, n, d)`` q/k: rotated by the compiled kernel
+        as it reads them where it takes both passes, else by :func:`_rotate` first."""
         b, h, w, n, d = q.shape
         # along the width: one batch entry per (image, row) -> (b*h, n, w, d)
         rows = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731
-        v = self._attend(q, k, v, tables.bias, rows, lambda o: o.transpose(1, 2).contiguous().unflatten(0, (b, -1)))
+        unrows = lambda o: o.transpose(1, 2).contiguous().unflatten(0, (b, -1))  # noqa: E731
         # along the height: columns and heads share the head dimension -> (b, w*n, h, d)
         cols = lambda t: t.flatten(2, 3).transpose(1, 2)  # noqa: E731
-        return self._attend(q, k, v, tables.bias_h, cols,
-                            lambda o: o.transpose(1, 2).contiguous().unflatten(2, (-1, n)))
+        uncols = lambda o: o.transpose(1, 2).contiguous().unflatten(2, (-1, n))  # noqa: E731
+        if (short_attention_applies(rows(q), tables.bias) and short_attention_applies(cols(q), tables.bias_h)
+                and fused_rotation_applies(q, tables.cos)):
+            cos, sin = tables.cos.reshape(h * w, d), tables.sin.reshape(h * w, d)
+            # token position of row i of sequence (s, head): rows (s % h) * w + i; columns i * w + head // n
+            v = short_attention(q, k, v, tables.bias, self.scale, rows, (cos, sin, (h, w, 1, 1, 0)))
+            return short_attention(q, k, v, tables.bias_h[:, :n], self.scale, cols, (cos, sin, (1, 0, w, n, 1)))
+        q, k = _rotate(q, tables), _rotate(k, tables)
+        v = self._attend(q, k, v, tables.bias, rows, unrows)
+        return self._attend(q, k, v, tables.bias_h, cols, uncols)
 
     def _attend(self, q, k, v, bias, view, unview) -> torch.Tensor:
         """One decomposed pass over ``(b, h, w, n, d)`` tokens: ``view`` gives the ``(batch, heads, len, d)``

@@ -26,7 +26,7 @@ import torch
 
 from . import fast_path_allowed
 
-__all__ = ["short_attention", "short_attention_applies", "rotate", "rotation_applies", "depthwise_weight_grad",
+__all__ = ["short_attention", "short_attention_applies", "fused_rotation_applies", "rotate", "rotation_applies", "depthwise_weight_grad",
            "depthwise_applies", "layer_norm", "layer_norm_applies", "use_cpu_kernels", "MAX_SHORT_LENGTH"]
 
 _logger = logging.getLogger(__name__)
@@ -86,24 +86,44 @@ def short_attention_applies(q: torch.Tensor, bias: torch.Tensor) -> bool:
 
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
-                    view: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                    view: Callable[[torch.Tensor], torch.Tensor], rotation: Optional[tuple] = None) -> torch.Tensor:
     """``softmax(q k^T scale + bias) v`` over the ``(S, H, L, D)`` views ``view(t)`` of same-shaped
     token tensors ``q``, ``k``, ``v`` (unit stride in ``D``; ``bias``: a constant, contiguous
-    ``(1, H, L, L)``). Returns a new token tensor ``out`` with ``view(out)`` the result.
-    Differentiable in ``q``, ``k`` and ``v``. Check :func:`short_attention_applies` first."""
-    return _ShortAttention.apply(q, k, v, bias, scale, view)
+    ``(1, Hb, L, L)``, head ``h`` adding table ``h % Hb``). Returns a new token tensor ``out`` with
+    ``view(out)`` the result. Differentiable in ``q``, ``k`` and ``v``. Check
+    :func:`short_attention_applies` first.
+
+    ``rotation``: ``(cos, sin, steps)`` rotates ``q`` and ``k`` as the kernel reads them (MaSA's
+    rotary shift without a pass of its own; check :func:`fused_rotation_applies`): ``cos``/``sin``
+    are ``(P, D)`` tables and row ``i`` of sequence ``(s, h)`` takes table row ``(s % steps[0]) *
+    steps[1] + i * steps[2] + (h // steps[3]) * steps[4]``."""
+    return _ShortAttention.apply(q, k, v, bias, scale, view, rotation)
+
+
+def fused_rotation_applies(q: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether :func:`short_attention` can rotate ``q`` (as it reads it) by tables like ``cos``: the
+    lane-parallel kernels (AVX-512 builds) do, with tables of ``q``'s dtype that need no gradient."""
+    return (_module is not None and getattr(_module, "fused_rotation", False) and cos.dtype == q.dtype
+            and not cos.requires_grad)
+
+
+def _rotation_args(rotation: Optional[tuple]) -> tuple:
+    if rotation is None:
+        return None, None, []
+    cos, sin, steps = rotation
+    return cos, sin, list(steps)
 
 
 class _ShortAttention(torch.autograd.Function):
     """Saves the inputs only; the backward kernel recomputes the attention probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale, view):
+    def forward(ctx, q, k, v, bias, scale, view, rotation):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if not _module.forward(view(q), view(k), view(v), bias, scale, view(out)):
+        if not _module.forward(view(q), view(k), view(v), bias, scale, view(out), *_rotation_args(rotation)):
             raise RuntimeError(f"short_attention: no compiled kernel for {tuple(view(q).shape)}")
         ctx.save_for_backward(q, k, v, bias)
-        ctx.scale, ctx.view = scale, view
+        ctx.scale, ctx.view, ctx.rotation = scale, view, rotation
         return out
 
     @staticmethod
@@ -112,9 +132,10 @@ class _ShortAttention(torch.autograd.Function):
         view = ctx.view
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-        if not _module.backward(view(q), view(k), view(v), bias, ctx.scale, view(grad), *map(view, grads)):
+        if not _module.backward(view(q), view(k), view(v), bias, ctx.scale, view(grad), *map(view, grads),
+                                *_rotation_args(ctx.rotation)):
             raise RuntimeError(f"short_attention: no compiled kernel for {tuple(view(q).shape)}")
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def rotation_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:

@@ -46,6 +46,21 @@ struct Strides {
   int64_t s, h, l;
 };
 
+// MaSA's rotation of q and k, applied while they are packed (and, transposed, to their gradients
+// when those are stored), so that the attention reads the projections directly: row i of sequence
+// (s, h) is the token at position (s % mod) * step_s + i * step_i + (h / heads) * step_h of the
+// (P, D) cos/sin tables (rows of a decomposed pass: mod = image height, step_s = width, step_i = 1;
+// columns: step_i = width, heads = heads per token, step_h = 1). out = x cos + swap(x) sin.
+template <typename T>
+struct Rotation {
+  const T* cos = nullptr;  // null: no rotation
+  const T* sin = nullptr;
+  int64_t D = 0, mod = 1, step_s = 0, step_i = 0, heads = 1, step_h = 0;
+  const T* table(const T* t, int64_t s, int64_t h, int64_t i) const {
+    return t + ((s % mod) * step_s + i * step_i + (h / heads) * step_h) * D;
+  }
+};
+
 template <class F>
 void parallel_over(int64_t n, int64_t grain, const F& f) {
 #ifdef RMT_STANDALONE
@@ -345,17 +360,30 @@ template <typename T>
 struct Lanes {
   const T* base[16];
   int64_t row_stride[16];
+  int64_t seq[16], head[16];  // (s, h) of each lane's sequence
   bool valid[16];
   const T* row(int l, int64_t i) const { return base[l] + i * row_stride[l]; }
 };
 
+// x cos + sign * swap(x) sin for 16 channels c0.. of lane l's row i
+template <typename T>
+inline __m512 rotated(__m512 x, const Rotation<T>& rot, const Lanes<T>& lanes, int l, int64_t i, int c0, float sign) {
+  const __m512 c = _mm512_castsi512_ps(load_widened(rot.table(rot.cos, lanes.seq[l], lanes.head[l], i) + c0));
+  const __m512 sn = _mm512_castsi512_ps(load_widened(rot.table(rot.sin, lanes.seq[l], lanes.head[l], i) + c0));
+  return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_permute_ps(x, 0xB1), _mm512_set1_ps(sign)), sn, _mm512_mul_ps(x, c));
+}
+
 // dst[i][c][0:16] = lane rows i, channels c (float32), for i < L; zero rows up to Lr.
 template <typename T, int D>
-inline void pack_widened(const Lanes<T>& lanes, int64_t L, int64_t Lr, __m512* dst) {
+inline void pack_widened(const Lanes<T>& lanes, int64_t L, int64_t Lr, __m512* dst, const Rotation<T>& rot = {}) {
   for (int64_t i = 0; i < L; ++i) {
     for (int c0 = 0; c0 < D; c0 += 16) {
       __m512i r[16];
-      for (int l = 0; l < 16; ++l) r[l] = load_widened(lanes.row(l, i) + c0);
+      for (int l = 0; l < 16; ++l) {
+        r[l] = load_widened(lanes.row(l, i) + c0);
+        if (rot.cos && lanes.valid[l])
+          r[l] = _mm512_castps_si512(rotated(_mm512_castsi512_ps(r[l]), rot, lanes, l, i, c0, 1.0f));
+      }
       transpose16(r);
       for (int c = 0; c < 16; ++c) dst[i * D + c0 + c] = _mm512_castsi512_ps(r[c]);
     }
@@ -366,14 +394,26 @@ inline void pack_widened(const Lanes<T>& lanes, int64_t L, int64_t Lr, __m512* d
 
 #ifdef RMT_AVX512_BF16
 // dst[i][w][0:16] = the (2w, 2w+1) bfloat16 pair of lane rows i, as 32-bit words; zero rows up to Lr.
+// (Rotated rows are rounded back to bfloat16, as a separate rotation pass would store them.)
 template <int D>
-inline void pack_pairs(const Lanes<bf16_t>& lanes, int64_t L, int64_t Lr, __m512i* dst) {
+inline void pack_pairs(const Lanes<bf16_t>& lanes, int64_t L, int64_t Lr, __m512i* dst,
+                       const Rotation<bf16_t>& rot = {}) {
   constexpr int W = D / 2;  // words per row
   for (int64_t i = 0; i < L; ++i) {
     for (int w0 = 0; w0 < W; w0 += 16) {
       __m512i r[16];
       for (int l = 0; l < 16; ++l) {
         const bf16_t* src = lanes.row(l, i) + 2 * w0;
+        if (rot.cos && lanes.valid[l]) {  // channels 2 w0 .. 2 w0 + 31 (or + 15)
+          const __m512 lo = rotated(_mm512_castsi512_ps(load_widened(src)), rot, lanes, l, i, 2 * w0, 1.0f);
+          if (W - w0 >= 16) {
+            const __m512 hi = rotated(_mm512_castsi512_ps(load_widened(src + 16)), rot, lanes, l, i, 2 * w0 + 16, 1.0f);
+            r[l] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+          } else {
+            r[l] = _mm512_zextsi256_si512((__m256i)_mm512_cvtneps_pbh(lo));
+          }
+          continue;
+        }
         r[l] = W - w0 >= 16 ? _mm512_loadu_si512(src)
                             : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
       }
@@ -429,14 +469,17 @@ Lanes<T> lanes_of(const LaneGroups& groups, int64_t g, const T* p, Strides st, c
       lanes.base[l] = zero;
       lanes.row_stride[l] = 0;
       lanes.valid[l] = false;
+      s = h = 0;
     }
+    lanes.seq[l] = s;
+    lanes.head[l] = h;
   }
   return lanes;
 }
 
 template <typename T, int D>
 void attend_lanes(const T* qp, const T* kp, const T* vp, const T* bp, T* op, float sc, int64_t S, int64_t H,
-                  int64_t Hb, int64_t L, Strides qs, Strides ks, Strides vs, Strides os) {
+                  int64_t Hb, int64_t L, Strides qs, Strides ks, Strides vs, Strides os, const Rotation<T>& rot) {
   constexpr bool kPairs =
 #ifdef RMT_AVX512_BF16
       std::is_same_v<T, bf16_t>;
@@ -465,13 +508,13 @@ void attend_lanes(const T* qp, const T* kp, const T* vp, const T* bp, T* op, flo
       const Lanes<T> vl = lanes_of(groups, g, vp, vs, zero), ol = lanes_of(groups, g, static_cast<const T*>(op), os, zero);
 #ifdef RMT_AVX512_BF16
       if constexpr (kPairs) {
-        pack_pairs<D>(ql, L, Lr, reinterpret_cast<__m512i*>(q));
-        pack_pairs<D>(kl, L, Lk, reinterpret_cast<__m512i*>(k));
+        pack_pairs<D>(ql, L, Lr, reinterpret_cast<__m512i*>(q), rot);
+        pack_pairs<D>(kl, L, Lk, reinterpret_cast<__m512i*>(k), rot);
       } else
 #endif
       {
-        pack_widened<T, D>(ql, L, Lr, q);
-        pack_widened<T, D>(kl, L, Lk, k);
+        pack_widened<T, D>(ql, L, Lr, q, rot);
+        pack_widened<T, D>(kl, L, Lk, k, rot);
       }
       pack_widened<T, D>(vl, L, Lk, v);
       for (int64_t i0 = 0; i0 < L; i0 += kLaneRows) {
@@ -550,15 +593,21 @@ void attend_lanes(const T* qp, const T* kp, const T* vp, const T* bp, T* op, flo
 }
 // Unpacks src[c][0:16] (c < D, one row of a group) into the lanes' rows i (c0..c0+15 per transpose),
 // each multiplied by sc.
+// With rot, the rows are rotated back (the gradient of a rotated input is the inverse rotation of the
+// gradient of the rotated one).
 template <typename T, int D>
-inline void unpack_row(const __m512* src, float sc, const Lanes<T>& lanes, int64_t i) {
+inline void unpack_row(const __m512* src, float sc, const Lanes<T>& lanes, int64_t i, const Rotation<T>& rot = {}) {
   const __m512 scale = _mm512_set1_ps(sc);
   for (int c0 = 0; c0 < D; c0 += 16) {
     __m512i t[16];
     for (int c = 0; c < 16; ++c) t[c] = _mm512_castps_si512(_mm512_mul_ps(src[c0 + c], scale));
     transpose16(t);
-    for (int l = 0; l < 16; ++l)
-      if (lanes.valid[l]) store_narrowed(_mm512_castsi512_ps(t[l]), const_cast<T*>(lanes.row(l, i)) + c0);
+    for (int l = 0; l < 16; ++l) {
+      if (!lanes.valid[l]) continue;
+      __m512 row = _mm512_castsi512_ps(t[l]);
+      if (rot.cos) row = rotated(row, rot, lanes, l, i, c0, -1.0f);
+      store_narrowed(row, const_cast<T*>(lanes.row(l, i)) + c0);
+    }
   }
 }
 
@@ -570,7 +619,7 @@ inline void unpack_row(const __m512* src, float sc, const Lanes<T>& lanes, int64
 template <typename T, int D>
 void attend_lanes_backward(const T* qp, const T* kp, const T* vp, const T* bp, const T* gp, T* dqp, T* dkp, T* dvp,
                            float sc, int64_t S, int64_t H, int64_t Hb, int64_t L, Strides qs, Strides ks, Strides vs,
-                           Strides gs, Strides dqs, Strides dks, Strides dvs) {
+                           Strides gs, Strides dqs, Strides dks, Strides dvs, const Rotation<T>& rot) {
   const LaneGroups groups(S, H, Hb);
   const int64_t Lr = (L + kLaneRows - 1) / kLaneRows * kLaneRows;
   const int64_t Lk = (L + kLaneKeys - 1) / kLaneKeys * kLaneKeys;
@@ -590,8 +639,8 @@ void attend_lanes_backward(const T* qp, const T* kp, const T* vp, const T* bp, c
       int64_t s0, h0, cls;
       groups.sequence(grp, 0, s0, h0, cls);
       const T* bb = bp + cls * L * L;
-      pack_widened<T, D>(lanes_of(groups, grp, qp, qs, zero), L, Lmax, q);
-      pack_widened<T, D>(lanes_of(groups, grp, kp, ks, zero), L, Lmax, k);
+      pack_widened<T, D>(lanes_of(groups, grp, qp, qs, zero), L, Lmax, q, rot);
+      pack_widened<T, D>(lanes_of(groups, grp, kp, ks, zero), L, Lmax, k, rot);
       pack_widened<T, D>(lanes_of(groups, grp, vp, vs, zero), L, Lmax, v);
       pack_widened<T, D>(lanes_of(groups, grp, gp, gs, zero), L, Lmax, g);
       const Lanes<T> dql = lanes_of(groups, grp, static_cast<const T*>(dqp), dqs, zero);
@@ -662,7 +711,7 @@ void attend_lanes_backward(const T* qp, const T* kp, const T* vp, const T* bp, c
           for (int r = 0; r < kLaneRows; ++r)
             for (int c = 0; c < kC; ++c) out[r * D + c0 + c] = acc[r][c];
         }
-        for (int r = 0; r < kLaneRows && i0 + r < L; ++r) unpack_row<T, D>(out + r * D, sc, dql, i0 + r);
+        for (int r = 0; r < kLaneRows && i0 + r < L; ++r) unpack_row<T, D>(out + r * D, sc, dql, i0 + r, rot);
       }
       // pass 2: dv = P^T dO and dk = scale dS^T q, kLaneKeys keys and 2 channels at a time
       for (int64_t j0 = 0; j0 < L; j0 += kLaneKeys) {
@@ -689,7 +738,7 @@ void attend_lanes_backward(const T* qp, const T* kp, const T* vp, const T* bp, c
             }
         }
         for (int c = 0; c < kLaneKeys && j0 + c < L; ++c) {
-          unpack_row<T, D>(dk[c], sc, dkl, j0 + c);
+          unpack_row<T, D>(dk[c], sc, dkl, j0 + c, rot);
           unpack_row<T, D>(dv[c], 1.0f, dvl, j0 + c);
         }
       }
@@ -848,16 +897,20 @@ bool dispatch_shape(int64_t D, int64_t L, const F& f) {
 
 // The lane-parallel kernels where AVX-512 is compiled in (the per-sequence ones are then not built),
 // else the per-sequence kernels. False for a shape without a compiled case.
+// The lane-parallel kernels where AVX-512 is compiled in (the per-sequence ones are then not built),
+// else the per-sequence kernels, which do not rotate (rot.cos must be null). False for a shape (or
+// rotation) without a compiled case.
 template <typename T>
 bool forward(const T* qp, const T* kp, const T* vp, const T* bp, T* op, float sc, int64_t S, int64_t H, int64_t Hb,
-             int64_t L, int64_t D, Strides qs, Strides ks, Strides vs, Strides os) {
+             int64_t L, int64_t D, Strides qs, Strides ks, Strides vs, Strides os, const Rotation<T>& rot) {
 #ifdef RMT_LANES
   if (L > 64 || (D != 16 && D != 32 && D != 64)) return false;
-  if (D == 16) attend_lanes<T, 16>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
-  if (D == 32) attend_lanes<T, 32>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
-  if (D == 64) attend_lanes<T, 64>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
+  if (D == 16) attend_lanes<T, 16>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os, rot);
+  if (D == 32) attend_lanes<T, 32>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os, rot);
+  if (D == 64) attend_lanes<T, 64>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os, rot);
   return true;
 #else
+  if (rot.cos) return false;
   return dispatch_shape(D, L, [&]<int d, int lp>() {
     attend<T, d, lp, 4>(qp, kp, vp, bp, op, sc, S, H, Hb, L, qs, ks, vs, os);
   });
@@ -867,14 +920,18 @@ bool forward(const T* qp, const T* kp, const T* vp, const T* bp, T* op, float sc
 template <typename T>
 bool backward(const T* qp, const T* kp, const T* vp, const T* bp, const T* gp, T* dqp, T* dkp, T* dvp, float sc,
               int64_t S, int64_t H, int64_t Hb, int64_t L, int64_t D, Strides qs, Strides ks, Strides vs, Strides gs,
-              Strides dqs, Strides dks, Strides dvs) {
+              Strides dqs, Strides dks, Strides dvs, const Rotation<T>& rot) {
 #ifdef RMT_LANES
   if (L > 64 || (D != 16 && D != 32 && D != 64)) return false;
-  if (D == 16) attend_lanes_backward<T, 16>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
-  if (D == 32) attend_lanes_backward<T, 32>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
-  if (D == 64) attend_lanes_backward<T, 64>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
+  if (D == 16)
+    attend_lanes_backward<T, 16>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs, rot);
+  if (D == 32)
+    attend_lanes_backward<T, 32>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs, rot);
+  if (D == 64)
+    attend_lanes_backward<T, 64>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs, rot);
   return true;
 #else
+  if (rot.cos) return false;
   return dispatch_shape(D, L, [&]<int d, int lp>() {
     attend_backward<T, d, lp>(qp, kp, vp, bp, gp, dqp, dkp, dvp, sc, S, H, Hb, L, qs, ks, vs, gs, dqs, dks, dvs);
   });
@@ -1060,21 +1117,44 @@ T* mutable_data(at::Tensor& t) {
   else return reinterpret_cast<rmt::bf16_t*>(t.data_ptr<at::BFloat16>());
 }
 
+// The rotation to fuse: cos, sin (P, D) tables of q's dtype and (mod, step_s, step_i, heads, step_h), or none.
+template <typename T>
+rmt::Rotation<T> rotation(const at::Tensor& q, const c10::optional<at::Tensor>& cos,
+                          const c10::optional<at::Tensor>& sin, const std::vector<int64_t>& steps) {
+  rmt::Rotation<T> rot;
+  if (!cos.has_value() || !cos->defined()) return rot;
+  TORCH_CHECK(sin.has_value() && sin->defined() && steps.size() == 5, "rotation: cos, sin and 5 steps");
+  for (const at::Tensor* t : {&*cos, &*sin})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type() && t->dim() == 2 && t->size(1) == q.size(3),
+                "rotation tables: contiguous (P, D) tensors of q's dtype");
+  TORCH_CHECK(steps[0] > 0 && steps[3] > 0, "rotation: positive mod and heads");
+  rot.cos = data<T>(*cos);
+  rot.sin = data<T>(*sin);
+  rot.D = q.size(3);
+  rot.mod = steps[0];
+  rot.step_s = steps[1];
+  rot.step_i = steps[2];
+  rot.heads = steps[3];
+  rot.step_h = steps[4];
+  return rot;
+}
+
 template <typename T>
 bool forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, float sc,
-                   at::Tensor& out) {
+                   at::Tensor& out, const rmt::Rotation<T>& rot) {
   return rmt::forward<T>(data<T>(q), data<T>(k), data<T>(v), data<T>(bias), mutable_data<T>(out), sc, q.size(0),
                          q.size(1), bias.size(1), q.size(2), q.size(3), strides(q), strides(k), strides(v),
-                         strides(out));
+                         strides(out), rot);
 }
 
 template <typename T>
 bool backward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, float sc,
-                    const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+                    const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
+                    const rmt::Rotation<T>& rot) {
   return rmt::backward<T>(data<T>(q), data<T>(k), data<T>(v), data<T>(bias), data<T>(grad_out),
                           mutable_data<T>(grad_q), mutable_data<T>(grad_k), mutable_data<T>(grad_v), sc, q.size(0),
-                          q.size(1), bias.size(1), q.size(2), q.size(3), strides(q), strides(k), strides(v), strides(grad_out),
-                          strides(grad_q), strides(grad_k), strides(grad_v));
+                          q.size(1), bias.size(1), q.size(2), q.size(3), strides(q), strides(k), strides(v),
+                          strides(grad_out), strides(grad_q), strides(grad_k), strides(grad_v), rot);
 }
 
 void check_dtype(const at::Tensor& q) {
@@ -1085,31 +1165,39 @@ void check_dtype(const at::Tensor& q) {
 
 // q, k, v, out: (S, H, L, D) strided views with unit stride in D, float32 or bfloat16 alike; bias:
 // (1, Hb, L, L) contiguous, same dtype, Hb dividing H: head h adds table h % Hb (MaSA's column pass
-// has one table per head, shared by all columns). Writes out and returns true; returns false (nothing written)
+// has one table per head, shared by all columns). With rot_cos/rot_sin (P, D) and rot_steps (see
+// rmt::Rotation), q and k are rotated as they are read (lane-parallel kernels only: see
+// "fused_rotation"); without, they are used as they are. Writes out and returns true; returns false (nothing written)
 // for a shape without a compiled kernel.
 bool short_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                             double scale, at::Tensor out) {
+                             double scale, at::Tensor out, const c10::optional<at::Tensor>& rot_cos,
+                             const c10::optional<at::Tensor>& rot_sin, const std::vector<int64_t>& rot_steps) {
   check_dtype(q);
   check(q, "q", q); check(k, "k", q); check(v, "v", q); check(out, "out", q);
   check_bias(bias, q);
   const float sc = static_cast<float>(scale);
-  return q.scalar_type() == at::kFloat ? forward_typed<float>(q, k, v, bias, sc, out)
-                                       : forward_typed<rmt::bf16_t>(q, k, v, bias, sc, out);
+  return q.scalar_type() == at::kFloat
+             ? forward_typed<float>(q, k, v, bias, sc, out, rotation<float>(q, rot_cos, rot_sin, rot_steps))
+             : forward_typed<rmt::bf16_t>(q, k, v, bias, sc, out, rotation<rmt::bf16_t>(q, rot_cos, rot_sin, rot_steps));
 }
 
-// Gradients of short_attention_forward with respect to q, k and v, written into grad_q/grad_k/grad_v
-// (same shape and dtype, unit stride in D). Returns false for a shape without a compiled kernel.
+// Gradients of short_attention_forward with respect to q, k and v (the unrotated q and k where the
+// rotation is fused), written into grad_q/grad_k/grad_v (same shape and dtype, unit stride in D).
+// Returns false for a shape without a compiled kernel.
 bool short_attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                               double scale, const at::Tensor& grad_out, at::Tensor grad_q, at::Tensor grad_k,
-                              at::Tensor grad_v) {
+                              at::Tensor grad_v, const c10::optional<at::Tensor>& rot_cos,
+                              const c10::optional<at::Tensor>& rot_sin, const std::vector<int64_t>& rot_steps) {
   check_dtype(q);
   check(q, "q", q); check(k, "k", q); check(v, "v", q); check(grad_out, "grad_out", q);
   check(grad_q, "grad_q", q); check(grad_k, "grad_k", q); check(grad_v, "grad_v", q);
   check_bias(bias, q);
   const float sc = static_cast<float>(scale);
   return q.scalar_type() == at::kFloat
-             ? backward_typed<float>(q, k, v, bias, sc, grad_out, grad_q, grad_k, grad_v)
-             : backward_typed<rmt::bf16_t>(q, k, v, bias, sc, grad_out, grad_q, grad_k, grad_v);
+             ? backward_typed<float>(q, k, v, bias, sc, grad_out, grad_q, grad_k, grad_v,
+                                     rotation<float>(q, rot_cos, rot_sin, rot_steps))
+             : backward_typed<rmt::bf16_t>(q, k, v, bias, sc, grad_out, grad_q, grad_k, grad_v,
+                                           rotation<rmt::bf16_t>(q, rot_cos, rot_sin, rot_steps));
 }
 
 // out = x cos + sign * swap(x) sin (see rmt::rotate); x: (B, P, N, D), unit stride in D; cos, sin: (P, D)
@@ -1192,6 +1280,11 @@ at::Tensor layer_norm(const at::Tensor& input, const at::Tensor& weight, const a
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef RMT_LANES
+  m.attr("fused_rotation") = true;
+#else
+  m.attr("fused_rotation") = false;
+#endif
   m.def("layer_norm", &layer_norm, "layer norm over the last dimension, for inference (CPU)");
   m.def("depthwise_weight_grad", &depthwise_weight_grad,
         "weight and bias gradients of a depthwise stride-1 conv2d (of GELU) over channels-last tensors (CPU)");
