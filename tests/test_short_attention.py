@@ -147,13 +147,16 @@ def test_applies_only_where_compiled():
     q = torch.randn(4, 2, 14, 32)
     bias = torch.zeros(1, 2, 14, 14)
     assert kernels.short_attention_applies(q, bias)
-    assert not kernels.short_attention_applies(torch.randn(4, 2, 33, 32), torch.zeros(1, 2, 33, 33))  # float32: flash
+    assert not kernels.short_attention_applies(torch.randn(4, 2, 65, 32), torch.zeros(1, 2, 65, 65))  # too long
     assert not kernels.short_attention_applies(torch.randn(4, 2, 14, 8), bias)  # head dim not compiled
     assert kernels.short_attention_applies(q.bfloat16(), bias.bfloat16())
     assert not kernels.short_attention_applies(q.double(), bias.double())
     assert not kernels.short_attention_applies(q.half(), bias.half())  # no float16 kernel on the CPU
     assert not kernels.short_attention_applies(q.bfloat16(), bias)  # bias in another dtype
-    assert not kernels.short_attention_applies(torch.randn(4, 2, 40, 32), torch.zeros(1, 2, 40, 40))  # float32 flash
+    # float32 rows of 33-64 tokens: the lane-parallel kernel (AVX-512 builds) beats the flash kernel, the
+    # portable one does not
+    assert kernels.short_attention_applies(torch.randn(4, 2, 40, 32), torch.zeros(1, 2, 40, 40)) == \
+        kernels._module.fused_rotation
     assert kernels.short_attention_applies(torch.randn(4, 2, 56, 16).bfloat16(), torch.zeros(1, 2, 56, 56).bfloat16())
     assert not kernels.short_attention_applies(torch.randn(4, 2, 65, 16).bfloat16(), torch.zeros(1, 2, 65, 65).bfloat16())
     assert not kernels.short_attention_applies(q, bias.requires_grad_())  # a learned bias has no kernel gradient
@@ -183,7 +186,7 @@ def test_model_uses_it_in_inference_and_matches(built, monkeypatch):
 
 def test_long_rows_keep_sdpa(built):
     model = RMT(**SHORT_ARGS).eval()
-    _, ops = _attention_ops(model, torch.randn(1, 3, 160, 160))  # stage-1 rows of 40 > 32: SDPA there
+    _, ops = _attention_ops(model, torch.randn(1, 3, 288, 288))  # stage-1 rows of 72 > 64: SDPA there
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
 
 

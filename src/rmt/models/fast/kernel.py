@@ -1,18 +1,31 @@
-"""Compiled CPU kernels, built on first use.
+"""Compiled CPU kernels, built on first use (``csrc/cpu_kernels.cpp``), float32 and bfloat16.
 
-``short_attention``: softmax attention over many short sequences (length <= 32), the shape of
-MaSA's decomposed passes at ImageNet resolutions (rows and columns of 14 and 28 tokens). The CPU
+``short_attention``: softmax attention over many short sequences (length <= 64), the shape of
+MaSA's decomposed passes at ImageNet resolutions (rows and columns of 56, 28 and 14 tokens). The CPU
 flash kernel pays a fixed cost per sequence and fills a fraction of each vector register for such
-rows. This kernel (``csrc/short_attention.cpp``) keeps one sequence in L1 and vectorises across it.
-On the 2-core AVX-512 machine of BENCHMARKS.md it is about 3x faster than the flash kernel at
-length 14 and 1.2x at 28 in the forward pass. Forward plus backward, it is 1.6x at 14 and even at
-28. It covers float32 on the CPU, with autograd (the backward recomputes the probabilities
-instead of storing them); everything else takes ``scaled_dot_product_attention``.
+rows, and its bfloat16 backward pass is 6-9x slower than its float32 one. On CPUs with AVX-512 the
+kernel puts 16 sequences that share a bias table into the 16 lanes of each vector (their rows
+transposed as they are loaded), so that every score, exponential and product is a full-width
+operation; bfloat16 ``q k^T`` runs on AVX512-BF16 dot products (``vdpbf16ps``), all sums are
+float32, and MaSA's rotation of q and k is applied as they are loaded. Elsewhere a portable
+per-sequence kernel (compiler-vectorised, bfloat16 widened as it is loaded) takes rows of up to 32
+tokens in float32 and 64 in bfloat16, without the fused rotation. One thread, batch 4, CPU time, on
+the AVX-512 machine of BENCHMARKS.md, against ``scaled_dot_product_attention`` in the same dtype:
+forward 3.5-5x faster at 14 tokens, 1.6-3x at 28, 2-3x at 56; forward and backward 1.5-1.8x
+(float32) and 10-20x (bfloat16; 2-3x against the flash kernel run in float32) at 14 to 56 tokens.
+With autograd; the backward pass recomputes the probabilities instead of storing them.
 
-It is compiled with ``torch.utils.cpp_extension`` the first time it is needed. That takes about
-30 s, and the result is cached in ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``) for
-later runs. It needs a C++ compiler and ninja. If the build fails, MaSA logs one warning and keeps using the PyTorch
-kernels. ``RMT_CPU_KERNELS=0`` (or :func:`use_cpu_kernels`) switches the kernel off.
+``rotate``: MaSA's rotation of bfloat16 q or k in one pass (float32 has its complex multiply), for
+passes the attention kernel does not take. ``depthwise_weight_grad``: the weight gradient of the
+depthwise convolutions (LePE's 5x5, the blocks' 3x3, the FFN's GELU + 3x3), which oneDNN computes
+5-25x slower than the convolution itself. ``layer_norm``: the blocks' layer norm in inference
+(ATen's runs at a third of the memory speed in bfloat16).
+
+They are compiled with ``torch.utils.cpp_extension`` the first time they are needed. That takes
+about a minute, and the result is cached in ``~/.cache/torch_extensions`` (or
+``$TORCH_EXTENSIONS_DIR``) for later runs. It needs a C++ compiler and ninja. If the build fails,
+MaSA logs one warning and keeps using the PyTorch kernels. ``RMT_CPU_KERNELS=0`` (or
+:func:`use_cpu_kernels`) switches the kernels off.
 """
 from __future__ import annotations
 
@@ -31,9 +44,9 @@ __all__ = ["short_attention", "short_attention_applies", "fused_rotation_applies
 
 _logger = logging.getLogger(__name__)
 MAX_SHORT_LENGTH = 64  # compiled lengths
-# where the kernel takes over from scaled_dot_product_attention (measured, see the module doc): the
-# float32 flash kernel is as fast from 33 tokens on; in bfloat16 the kernel is the faster up to 64
-_TAKEN_LENGTH = {torch.float32: 32, torch.bfloat16: 64}
+_DTYPES = (torch.float32, torch.bfloat16)
+# The portable per-sequence kernel in float32: the flash kernel is as fast from 33 tokens on (measured)
+_PORTABLE_FLOAT32_LENGTH = 32
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 _enabled = os.environ.get("RMT_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 _module = None
@@ -73,16 +86,20 @@ def _load():
 
 def short_attention_applies(q: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether :func:`short_attention` takes a pass whose ``(S, H, L, D)`` query view is ``q``: on,
-    plain eager float32 CPU tensors (not while compiling or tracing, whose graphs hold portable ops,
-    nor while FLOPs are counted, which must see the attention as an ATen op), ``L <= 32``, ``D`` of
-    16, 32 or 64 (the compiled cases), and the kernel built."""
-    if not _enabled or _failed or q.device.type != "cpu" or q.dtype not in _TAKEN_LENGTH or bias.dtype != q.dtype:
+    plain eager float32 or bfloat16 CPU tensors (not while compiling or tracing, whose graphs hold
+    portable ops, nor while FLOPs are counted, which must see the attention as an ATen op), a bias
+    of the same dtype, ``L <= 64`` (32 for the portable kernel in float32), ``D`` of 16, 32 or 64
+    (the compiled cases), and the kernel built."""
+    if not _enabled or _failed or q.device.type != "cpu" or q.dtype not in _DTYPES or bias.dtype != q.dtype:
         return False
     if not fast_path_allowed(q):
         return False
-    if q.shape[-2] > _TAKEN_LENGTH[q.dtype] or q.shape[-1] not in (16, 32, 64) or bias.requires_grad:
+    if q.shape[-2] > MAX_SHORT_LENGTH or q.shape[-1] not in (16, 32, 64) or bias.requires_grad:
         return False
-    return _load() is not None
+    if _load() is None:
+        return False
+    lanes = _module.fused_rotation  # the lane-parallel kernels are built (AVX-512)
+    return lanes or q.dtype != torch.float32 or q.shape[-2] <= _PORTABLE_FLOAT32_LENGTH
 
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
@@ -184,7 +201,7 @@ def depthwise_applies(x: torch.Tensor, weight: torch.Tensor, padding, dtype: Opt
     float32/bfloat16 CPU tensors, channels-last ``x`` (unit stride in ``C``), ``C`` a multiple of 16,
     ``K`` of 3, 5 or 7 with ``padding`` ``K // 2`` (stride 1), and the kernel built."""
     dtype = x.dtype if dtype is None else dtype
-    if not _enabled or _failed or x.device.type != "cpu" or dtype not in _TAKEN_LENGTH or x.dim() != 4:
+    if not _enabled or _failed or x.device.type != "cpu" or dtype not in _DTYPES or x.dim() != 4:
         return False
     k = weight.shape[-1]
     if weight.shape != (x.shape[1], 1, k, k) or k not in (3, 5, 7) or tuple(padding) != (k // 2, k // 2):
@@ -208,7 +225,7 @@ def layer_norm_applies(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
     """Whether :func:`layer_norm` takes ``norm(x)``: on, inference (no gradient), plain eager contiguous
     float32/bfloat16 CPU ``x``, a norm over its last dimension, a multiple of 16, with float32 weight
     and bias, and the kernel built."""
-    if not _enabled or _failed or x.device.type != "cpu" or x.dtype not in _TAKEN_LENGTH or not x.is_contiguous():
+    if not _enabled or _failed or x.device.type != "cpu" or x.dtype not in _DTYPES or not x.is_contiguous():
         return False
     weight, bias = norm.weight, norm.bias
     if tuple(norm.normalized_shape) != (x.shape[-1],) or x.shape[-1] % 16 or weight is None or bias is None:
