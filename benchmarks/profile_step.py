@@ -10,6 +10,14 @@ short-attention kernel (``rmt.models.fast.kernel``) is not an ATen operator: its
 
     python benchmarks/profile_step.py rmt_s --mode train --batch-size 16
     python benchmarks/profile_step.py reference:rmt_s --mode train --batch-size 16
+    python benchmarks/profile_step.py rmt_s --mode infer --batch-size 32 --amp bf16
+
+On a machine shared with other jobs, ``--threads 1`` measures CPU time (the thread's own clock)
+instead of wall time: other processes then hardly move the figures, which wall time under load does.
+
+With ``--amp bf16`` the forward runs under CPU autocast, as ``rmt benchmark --amp bf16`` does; the
+operator table then also gives each operator's input dtype, so that a pass left in float32 (or a
+kernel that stepped aside) shows.
 """
 from __future__ import annotations
 
@@ -44,7 +52,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--top", type=int, default=12, help="operators listed")
+    parser.add_argument("--amp", choices=["bf16"], default=None, help="CPU autocast of the forward")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads; 1 times by the thread's CPU clock (robust on a busy machine)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     keep_freed_memory()  # as the rmt command does (rmt.runtime)
 
     model = build_model(args.model, (args.img_size, args.img_size))
@@ -52,31 +66,34 @@ def main() -> None:
     y = torch.randint(0, 1000, (args.batch_size,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model.train(args.mode == "train")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     def step():
         if args.mode == "train":
-            loss = F.cross_entropy(model(x), y)
+            with autocast:
+                loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         else:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 model(x)
 
     step(), step()
-    timer = _OperatorTimer()
-    start = time.perf_counter()
+    timer = _OperatorTimer(clock, by_dtype=args.amp is not None)
+    start = clock()
     with timer:
         step()
-    total = time.perf_counter() - start
+    total = clock() - start
     # what no ATen operator accounts for: the compiled short-attention kernel, Python, the timer itself
     timer.ops["(compiled kernels, Python)"] = [1, total - sum(t for _, t in timer.ops.values())]
     groups = defaultdict(float)
     for op, (_, t) in timer.ops.items():
         name = next((g for g, keys in GROUPS if any(k in op for k in keys)), "other")
         groups[name] += t
-    print(f"{args.model}, {args.mode}, batch {args.batch_size}, {args.img_size}px: "
-          f"{total:.2f} s ({torch.get_num_threads()} threads)\n")
+    print(f"{args.model}, {args.mode}, batch {args.batch_size}, {args.img_size}px"
+          f"{', autocast ' + args.amp if args.amp else ''}: "
+          f"{total:.2f} s ({torch.get_num_threads()} threads, {'CPU' if clock is time.thread_time else 'wall'} time)\n")
     print("| group | s | share |\n|---|---:|---:|")
     for name, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {t:.2f} | {t / total:.0%} |")
@@ -89,16 +106,22 @@ class _OperatorTimer(TorchDispatchMode):
     """Wall time and call count of every ATen operator run while active (nested calls are not
     double-counted: the mode is off inside its own handler)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter, by_dtype: bool = False):
         super().__init__()
+        self.clock = clock
         self.ops = defaultdict(lambda: [0, 0.0])
+        self.by_dtype = by_dtype
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        start = time.perf_counter()
+        start = self.clock()
         out = func(*args, **(kwargs or {}))
-        entry = self.ops[func.overloadpacket.__name__]
+        name = func.overloadpacket.__name__
+        if self.by_dtype:  # the first tensor argument's dtype: bf16 or a pass left in float32
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            name += "" if first is None else f" ({str(first.dtype).removeprefix('torch.')})"
+        entry = self.ops[name]
         entry[0] += 1
-        entry[1] += time.perf_counter() - start
+        entry[1] += self.clock() - start
         return out
 
 

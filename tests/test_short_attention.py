@@ -1,9 +1,12 @@
-"""The compiled CPU kernel for MaSA's short decomposed passes (rmt.models.fast.kernel).
+"""The compiled CPU kernels (rmt.models.fast.kernel): short-row attention, rotation, depthwise-conv
+weight gradient.
 
-It must be built on this machine (C++ compiler and ninja are dependencies of CI), give SDPA's numbers
-and gradients on the strided views MaSA passes it, run only where it applies, and leave tracing and
-FLOP counting to the PyTorch kernels.
+They must be built on this machine (C++ compiler and ninja are dependencies of CI), give the PyTorch
+numbers and gradients on the strided views MaSA passes them, in float32 and bfloat16, run only where
+they apply, and leave tracing and FLOP counting to the PyTorch kernels.
 """
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,8 +35,11 @@ def _views(b, h, w, n, d, layout):
     return q, k, v, bias, view
 
 
+LENGTHS = [(1, 16), (3, 32), (14, 32), (16, 16), (17, 64), (28, 32), (32, 16), (40, 32), (49, 64), (56, 16), (64, 32)]
+
+
 @pytest.mark.parametrize("layout", ["rows", "cols"])
-@pytest.mark.parametrize("length,d", [(1, 16), (3, 32), (14, 32), (16, 16), (17, 64), (28, 32), (32, 16)])
+@pytest.mark.parametrize("length,d", LENGTHS)
 def test_matches_sdpa_on_strided_views(built, layout, length, d):
     torch.manual_seed(length * d)
     q, k, v, bias, view = _views(2, length, length, 3, d, layout)
@@ -46,6 +52,85 @@ def test_matches_sdpa_on_strided_views(built, layout, length, d):
     grads = torch.autograd.grad(view(out), inputs, grad)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+# bfloat16 against SDPA in float32 on the same (bfloat16-rounded) inputs. The kernel accumulates in
+# float32 and rounds each output once, so it is as close as bfloat16 storage allows: outputs (|o| < 4
+# here) within 1.6e-2, 2 units in the last place at 2..4 (measured: 8e-3, the same as SDPA's own
+# bfloat16 kernel); gradients within 1% of their largest value (measured: 0.3%).
+BF16_OUT_ATOL = 1.6e-2
+BF16_GRAD_REL = 1e-2
+
+
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("length,d", LENGTHS)
+def test_bfloat16_matches_float32_sdpa(built, layout, length, d):
+    torch.manual_seed(length * d + 1)
+    q, k, v, bias, view = _views(2, length, length, 3, d, layout)
+    q, k, v, bias = (t.bfloat16() for t in (q, k, v, bias))
+    inputs = [t.float().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*map(view, inputs), attn_mask=bias.float(), scale=d ** -0.5)
+    grad = torch.randn_like(expected).bfloat16()
+    expected_grads = torch.autograd.grad(expected, inputs, grad.float())
+    bf16_inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = kernels.short_attention(*bf16_inputs, bias, d ** -0.5, view)
+    assert out.dtype == torch.bfloat16
+    assert (view(out).float() - expected).abs().max() <= BF16_OUT_ATOL
+    grads = torch.autograd.grad(view(out), bf16_inputs, grad)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max() <= BF16_GRAD_REL * max(want.abs().max().item(), 1e-3)
+
+
+def test_bias_shared_across_heads(built):
+    """A (1, Hb, L, L) bias with Hb dividing the head count: head h adds table h % Hb (MaSA's column
+    pass passes one table per head for all columns)."""
+    torch.manual_seed(3)
+    q, k, v, _, view = _views(2, 14, 14, 3, 32, "cols")  # 14 columns x 3 heads share 3 tables
+    tables = torch.randn(1, 3, 14, 14)
+    expected = F.scaled_dot_product_attention(*map(view, (q, k, v)), attn_mask=tables.repeat(1, 14, 1, 1),
+                                              scale=32 ** -0.5)
+    out = kernels.short_attention(q, k, v, tables, 32 ** -0.5, view)
+    torch.testing.assert_close(view(out), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotation_matches_rotating_first(built, dtype):
+    """MaSA's decomposed passes with q and k rotated as the kernel reads them (AVX-512 builds) against
+    the same passes on q and k rotated beforehand, forward and gradients."""
+    if not kernels._module.fused_rotation:
+        pytest.skip("this build does not fuse the rotation (no AVX-512)")
+    torch.manual_seed(5)
+    b, h, w, n, d = 2, 6, 9, 2, 32
+    qkv = torch.randn(b, h, w, 3 * n * d).to(dtype)
+    q, k, v = (t.unflatten(-1, (n, d)).requires_grad_() for t in qkv.detach().split(n * d, -1))
+    angle = torch.rand(h * w, d // 2).repeat_interleave(2, -1) * 6
+    cos, sin = angle.cos().to(dtype), (angle.sin() * torch.tensor([-1.0, 1.0]).repeat(d // 2)).to(dtype)
+    rows = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731
+    cols = lambda t: t.flatten(2, 3).transpose(1, 2)  # noqa: E731
+    bias_w, bias_h = torch.randn(1, n, w, w).to(dtype), torch.randn(1, n, h, h).to(dtype)
+
+    def passes(fused: bool):
+        if fused:
+            x = kernels.short_attention(q, k, v, bias_w, d ** -0.5, rows, (cos, sin, (h, w, 1, 1, 0)))
+            return kernels.short_attention(q, k, x, bias_h, d ** -0.5, cols, (cos, sin, (1, 0, w, n, 1)))
+        table = lambda t: t.reshape(h, w, 1, d)  # noqa: E731
+        qr, kr = (kernels.rotate(t, table(cos), table(sin)) if dtype == torch.bfloat16 else
+                  t * table(cos) + t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * table(sin) for t in (q, k))
+        x = kernels.short_attention(qr, kr, v, bias_w, d ** -0.5, rows)
+        return kernels.short_attention(qr, kr, x, bias_h, d ** -0.5, cols)
+
+    grad = torch.randn(b, h, w, n, d).to(dtype)
+    fused = passes(True)
+    fused_grads = torch.autograd.grad(fused, (q, k, v), grad)
+    plain = passes(False)
+    plain_grads = torch.autograd.grad(plain, (q, k, v), grad)
+    # float32: the same products in another order; bfloat16: the same roundings (rotated q and k are
+    # rounded to bfloat16 in both), gradients rounded once more on the unfused path
+    atol = 1e-5 if dtype == torch.float32 else BF16_OUT_ATOL
+    assert (fused.float() - plain.float()).abs().max() <= atol
+    for got, want in zip(fused_grads, plain_grads):
+        assert (got.float() - want.float()).abs().max() <= max(atol, BF16_GRAD_REL * want.float().abs().max())
 
 
 def test_large_scores_stay_finite(built):
@@ -62,9 +147,19 @@ def test_applies_only_where_compiled():
     q = torch.randn(4, 2, 14, 32)
     bias = torch.zeros(1, 2, 14, 14)
     assert kernels.short_attention_applies(q, bias)
-    assert not kernels.short_attention_applies(torch.randn(4, 2, 33, 32), torch.zeros(1, 2, 33, 33))  # too long
+    assert not kernels.short_attention_applies(torch.randn(4, 2, 65, 32), torch.zeros(1, 2, 65, 65))  # too long
     assert not kernels.short_attention_applies(torch.randn(4, 2, 14, 8), bias)  # head dim not compiled
+    assert kernels.short_attention_applies(q.bfloat16(), bias.bfloat16())
     assert not kernels.short_attention_applies(q.double(), bias.double())
+    assert not kernels.short_attention_applies(q.half(), bias.half())  # no float16 kernel on the CPU
+    assert not kernels.short_attention_applies(q.bfloat16(), bias)  # bias in another dtype
+    # float32 rows of 33-64 tokens: the lane-parallel kernel (AVX-512 builds) beats the flash kernel, the
+    # portable one does not
+    assert kernels.short_attention_applies(torch.randn(4, 2, 40, 32), torch.zeros(1, 2, 40, 40)) == \
+        kernels._module.fused_rotation
+    assert kernels.short_attention_applies(torch.randn(4, 2, 56, 16).bfloat16(), torch.zeros(1, 2, 56, 56).bfloat16())
+    too_long = torch.randn(4, 2, 65, 16).bfloat16()
+    assert not kernels.short_attention_applies(too_long, torch.zeros(1, 2, 65, 65).bfloat16())
     assert not kernels.short_attention_applies(q, bias.requires_grad_())  # a learned bias has no kernel gradient
 
 
@@ -92,7 +187,7 @@ def test_model_uses_it_in_inference_and_matches(built, monkeypatch):
 
 def test_long_rows_keep_sdpa(built):
     model = RMT(**SHORT_ARGS).eval()
-    _, ops = _attention_ops(model, torch.randn(1, 3, 160, 160))  # stage-1 rows of 40 > 32: SDPA there
+    _, ops = _attention_ops(model, torch.randn(1, 3, 288, 288))  # stage-1 rows of 72 > 64: SDPA there
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
 
 
@@ -152,3 +247,98 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     warnings = [r for r in caplog.records if "kernel unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler here" in warnings[0].getMessage()
+
+
+# ------------------------------------------------------------------------------------------ rotation
+@pytest.mark.parametrize("d", [16, 32, 24])
+def test_rotation_matches_the_plain_arithmetic(built, d):
+    """One pass in bfloat16 (float32 arithmetic, one rounding) against the same formula in float32,
+    on a q slice of a fused projection (strided); the backward pass rotates the gradient back."""
+    torch.manual_seed(d)
+    b, h, w, n = 2, 5, 7, 3
+    qkv = torch.randn(b, h, w, 3 * n * d).bfloat16()
+    x = qkv[..., : n * d].unflatten(-1, (n, d)).requires_grad_()
+    angle = torch.rand(h, w, 1, d // 2).repeat_interleave(2, -1) * 6
+    signs = torch.tensor([-1.0, 1.0]).repeat(d // 2)
+    cos, sin = angle.cos(), angle.sin() * signs
+    assert kernels.rotation_applies(x, cos.bfloat16())
+    out = kernels.rotate(x, cos.bfloat16(), sin.bfloat16())
+    xf = x.detach().float().requires_grad_()
+    expected = xf * cos.bfloat16().float() + xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin.bfloat16().float()
+    assert out.dtype == torch.bfloat16 and out.is_contiguous()
+    torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=2 ** -8)  # one bfloat16 rounding
+    grad = torch.randn_like(expected).bfloat16()
+    (got,) = torch.autograd.grad(out, x, grad)
+    (want,) = torch.autograd.grad(expected, xf, grad.float())
+    torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=2 ** -8)
+
+
+def test_rotation_applies_only_in_bfloat16():
+    x = torch.randn(1, 2, 2, 1, 16)
+    cos = torch.randn(2, 2, 1, 16)
+    assert not kernels.rotation_applies(x, cos)  # float32 has the complex multiply
+    assert not kernels.rotation_applies(x.bfloat16(), cos)  # tables in another dtype
+
+
+# ------------------------------------------------------------------------- depthwise weight gradient
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("channels,size,k", [(16, (7, 9), 3), (32, (9, 6), 5), (48, (11, 8), 7), (64, (2, 3), 5)])
+def test_depthwise_weight_grad_matches_aten(built, dtype, gelu, channels, size, k):
+    torch.manual_seed(k)
+    x = torch.randn(3, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, 1, k, k)
+    assert kernels.depthwise_applies(x, weight, (k // 2, k // 2))
+    act = F.gelu(x.float()) if gelu else x.float()
+    grad_w, grad_b = kernels.depthwise_weight_grad(x, grad, k, gelu)
+    _, want_w, want_b = torch.ops.aten.convolution_backward(
+        grad.float(), act, weight, [channels], [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], channels,
+        [False, True, True])
+    torch.testing.assert_close(grad_w, want_w, atol=1e-4, rtol=1e-5)  # float32 sums in another order
+    torch.testing.assert_close(grad_b, want_b, atol=1e-4, rtol=1e-5)
+
+
+def test_depthwise_applies_only_where_compiled():
+    x = torch.randn(1, 32, 5, 5).contiguous(memory_format=torch.channels_last)
+    w3 = torch.randn(32, 1, 3, 3)
+    assert kernels.depthwise_applies(x, w3, (1, 1))
+    assert not kernels.depthwise_applies(x.contiguous(), w3, (1, 1))  # NCHW memory
+    assert not kernels.depthwise_applies(x, w3, (0, 0))  # not "same" padding
+    assert not kernels.depthwise_applies(x[:, :24], torch.randn(24, 1, 3, 3), (1, 1))  # 24 channels
+    assert not kernels.depthwise_applies(x, torch.randn(32, 1, 4, 4), (2, 2))  # even kernel
+    assert not kernels.depthwise_applies(x.half(), w3, (1, 1))
+
+
+# ---------------------------------------------------------------------------- portable build
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for x86-64-v3")
+def test_portable_build_without_avx512_matches_sdpa(monkeypatch):
+    """The kernels built for a CPU without AVX-512 (x86-64-v3: AVX2 + FMA): the per-sequence attention
+    kernels and the portable conversions, against the PyTorch ops. Built once (minutes), cached."""
+    from torch.utils.cpp_extension import load
+
+    module = load(name="rmt_cpu_kernels_x86_64_v3_test", sources=[str(kernels._SOURCE)],
+                  extra_cflags=["-O3", "-march=x86-64-v3", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    monkeypatch.setattr(kernels, "_module", module)
+    for dtype, atol in [(torch.float32, 2e-5), (torch.bfloat16, BF16_OUT_ATOL)]:
+        for layout, length, d in [("rows", 14, 32), ("cols", 28, 16), ("rows", 56, 16), ("cols", 17, 64)]:
+            torch.manual_seed(length)
+            q, k, v, bias, view = _views(2, length, length, 3, d, layout)
+            q, k, v, bias = (t.to(dtype) for t in (q, k, v, bias))
+            inputs = [t.float().requires_grad_() for t in (q, k, v)]
+            expected = F.scaled_dot_product_attention(*map(view, inputs), attn_mask=bias.float(), scale=d ** -0.5)
+            grad = torch.randn_like(expected).to(dtype)
+            expected_grads = torch.autograd.grad(expected, inputs, grad.float())
+            own = [t.requires_grad_() for t in (q, k, v)]
+            out = kernels.short_attention(*own, bias, d ** -0.5, view)
+            assert (view(out).float() - expected).abs().max() <= atol
+            for got, want in zip(torch.autograd.grad(view(out), own, grad), expected_grads):
+                assert (got.float() - want).abs().max() <= max(atol, BF16_GRAD_REL * want.abs().max())
+        x = torch.randn(2, 32, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(2, 32, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+        _, want_w, _ = torch.ops.aten.convolution_backward(
+            grad.float(), F.gelu(x.float()), torch.randn(32, 1, 5, 5), None, [1, 1], [2, 2], [1, 1], False, [0, 0], 32,
+            [False, True, False])
+        torch.testing.assert_close(kernels.depthwise_weight_grad(x, grad, 5, gelu=True)[0], want_w, atol=1e-4,
+                                   rtol=1e-5)

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast import tracing
-from .fast.kernel import short_attention, short_attention_applies
-from .fast.ops import fused_linear, gelu_dwconv
+from .fast.kernel import fused_rotation_applies, rotate, rotation_applies, short_attention, short_attention_applies
+from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv
 
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
 
@@ -238,7 +238,7 @@ class TokenConv(nn.Module):
         if gelu:
             y = gelu_dwconv(nchw, weight, self.conv.bias, self.conv.padding)
         else:
-            y = F.conv2d(nchw, weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+            y = depthwise_conv(nchw, weight, self.conv.bias, self.conv.padding)
         return y.permute(0, 2, 3, 1)
 
     def _forward_plain(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
@@ -257,9 +257,12 @@ class TokenConv(nn.Module):
 def _rotate(x: torch.Tensor, tables: MaSATables) -> torch.Tensor:
     """Rotary shift of ``(B, h, w, n, d)``: pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
 
-    That is the complex product ``(x0 + i x1) * (cos + i sin)``: one pass over ``x`` when the
-    complex table applies (see :class:`MaSATables`), else the same arithmetic in real numbers.
+    That is the complex product ``(x0 + i x1) * (cos + i sin)``: one pass over ``x`` in the compiled
+    CPU kernel (bfloat16) or as a complex multiply (float32/64, see :class:`MaSATables`), else the
+    same arithmetic in real numbers.
     """
+    if rotation_applies(x, tables.cos):
+        return rotate(x, tables.cos, tables.sin)
     if tables.phase is not None and x.dtype == tables.phase.real.dtype:
         return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * tables.phase).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
@@ -320,15 +323,14 @@ class MaSA(nn.Module):
         if v.requires_grad:  # saved by LePE and attention: a copy of its own lets the q/k part be freed
             v = v.contiguous()
         lepe = self.lepe(v)
-        q = _rotate(q.unflatten(-1, (n, d)), tables)  # (b, h, w, n, d), contiguous
-        k = _rotate(k.unflatten(-1, (n, d)), tables)
-        v = v.unflatten(-1, (n, d))
+        q, k, v = (t.unflatten(-1, (n, d)) for t in (q, k, v))  # (b, h, w, n, d)
         if self.decomposed:
             out = self._decomposed(q, k, v, tables)
         else:
+            q, k = _rotate(q, tables), _rotate(k, tables)
             tokens = lambda t: t.flatten(1, 2).transpose(1, 2)  # noqa: E731  (b, n, hw, d)
-            out = F.scaled_dot_product_attention(tokens(q), tokens(k), tokens(v), attn_mask=tables.bias,
-                                                 scale=self.scale).transpose(1, 2).contiguous().unflatten(1, (h, -1))
+            out = attention(tokens(q), tokens(k), tokens(v), tables.bias,
+                            self.scale).transpose(1, 2).contiguous().unflatten(1, (h, -1))
         # the kernel writes its (b, heads, len, d) output in (b, len, heads, d) memory, the token layout,
         # so `.contiguous()` copies nothing here; it is for tracers, whose kernel stand-ins report
         # another layout (and flatten/unflatten with -1 keep symbolic shapes provable for export)
@@ -365,21 +367,31 @@ class MaSA(nn.Module):
         return _scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
 
     def _decomposed(self, q, k, v, tables: MaSATables) -> torch.Tensor:
+        """Row then column passes over unrotated ``(b, h, w, n, d)`` q/k: rotated by the compiled kernel
+        as it reads them where it takes both passes, else by :func:`_rotate` first."""
         b, h, w, n, d = q.shape
         # along the width: one batch entry per (image, row) -> (b*h, n, w, d)
         rows = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731
-        v = self._attend(q, k, v, tables.bias, rows, lambda o: o.transpose(1, 2).contiguous().unflatten(0, (b, -1)))
+        unrows = lambda o: o.transpose(1, 2).contiguous().unflatten(0, (b, -1))  # noqa: E731
         # along the height: columns and heads share the head dimension -> (b, w*n, h, d)
         cols = lambda t: t.flatten(2, 3).transpose(1, 2)  # noqa: E731
-        return self._attend(q, k, v, tables.bias_h, cols,
-                            lambda o: o.transpose(1, 2).contiguous().unflatten(2, (-1, n)))
+        uncols = lambda o: o.transpose(1, 2).contiguous().unflatten(2, (-1, n))  # noqa: E731
+        if (short_attention_applies(rows(q), tables.bias) and short_attention_applies(cols(q), tables.bias_h)
+                and fused_rotation_applies(q, tables.cos)):
+            cos, sin = tables.cos.reshape(h * w, d), tables.sin.reshape(h * w, d)
+            # token position of row i of sequence (s, head): rows (s % h) * w + i; columns i * w + head // n
+            v = short_attention(q, k, v, tables.bias, self.scale, rows, (cos, sin, (h, w, 1, 1, 0)))
+            return short_attention(q, k, v, tables.bias_h[:, :n], self.scale, cols, (cos, sin, (1, 0, w, n, 1)))
+        q, k = _rotate(q, tables), _rotate(k, tables)
+        v = self._attend(q, k, v, tables.bias, rows, unrows)
+        return self._attend(q, k, v, tables.bias_h, cols, uncols)
 
     def _attend(self, q, k, v, bias, view, unview) -> torch.Tensor:
         """One decomposed pass over ``(b, h, w, n, d)`` tokens: ``view`` gives the ``(batch, heads, len, d)``
         strided view of them, ``unview`` brings an attention output back to the token layout."""
-        if short_attention_applies(view(q), bias):
-            return short_attention(q, k, v, bias, self.scale, view)
-        return unview(F.scaled_dot_product_attention(view(q), view(k), view(v), attn_mask=bias, scale=self.scale))
+        if short_attention_applies(view(q), bias):  # columns share their head's table: bias[:, :heads]
+            return short_attention(q, k, v, bias[:, :self.num_heads], self.scale, view)
+        return unview(attention(view(q), view(k), view(v), bias, self.scale))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, decomposed={self.decomposed}"

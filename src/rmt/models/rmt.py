@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fast.ops import fused_linear
+from .fast.ops import fused_linear, layer_norm
 from .masa import MaSA, MaSATables, RelPos2d, TokenConv, _plain_ops_only, _scale_add
 from .weights import (
     CheckpointError,
@@ -111,8 +111,8 @@ class RMTBlock(nn.Module):
             y = self.ffn(self.final_layer_norm(x))
             return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
         # residual adds and layer scale ride on the output projections (see rmt.models.fused)
-        x = self.retention(self.retention_layer_norm(x), tables, residual=x, scale=self.gamma_1)
-        return self.ffn(self.final_layer_norm(x), residual=x, scale=self.gamma_2)
+        x = self.retention(layer_norm(x, self.retention_layer_norm), tables, residual=x, scale=self.gamma_1)
+        return self.ffn(layer_norm(x, self.final_layer_norm), residual=x, scale=self.gamma_2)
 
 
 class Downsample(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["fast_path_allowed", "tracing", "counting_flops"]
+__all__ = ["fast_path_allowed", "tracing", "counting_flops", "compute_dtype"]
 
 # FlopCounterMode pushes an internal dispatch mode (_FlopCounterMode in recent torch, itself before)
 _FLOP_MODES = tuple(c for c in (getattr(flop_counter, "FlopCounterMode", None),
@@ -33,3 +33,12 @@ def counting_flops() -> bool:
 def fast_path_allowed(x: torch.Tensor) -> bool:
     """Whether a fast path may take ``x``: a plain eager tensor, not traced, compiled or FLOP-counted."""
     return type(x) is torch.Tensor and not tracing() and not counting_flops()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: autocast's on ``x``'s device while it is enabled there,
+    else ``x``'s own. Devices without autocast (``meta``, ...) always give ``x.dtype``."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype

@@ -1,20 +1,27 @@
 """Fused operations of the RMT blocks: linear epilogues for CPU inference, GELU + depthwise conv
-for training.
+for training, and the attention call for passes the compiled kernel does not take.
 
 **Linear epilogues.**
 ``fused_linear(x, layer, gelu=..., scale=..., residual=...)`` computes
-``residual + scale * act(layer(x))``. Where nothing needs gradients (inference), on CPU in float32,
-it runs as one oneDNN matmul whose post-op applies the GELU or adds the residual while the output
-is still in cache: no bias broadcast copy, and no extra memory pass for the activation or the
-add. These passes are a large share of a CPU forward (the machine is memory-bound on them), so
-this is where inference time goes down. Everywhere else -- training, other devices and dtypes,
-tracing and export (whose graphs must hold portable ops) -- it is the same arithmetic in plain
-ops. The two agree to float32 rounding (different GEMM blocking), which the tests bound.
+``residual + scale * act(layer(x))``. Where nothing needs gradients (inference), on CPU in float32
+or bfloat16 (autocast's or the model's), it runs as one oneDNN matmul whose post-op applies the
+GELU or adds the residual while the output is still in cache: no bias broadcast copy, and no extra
+memory pass for the activation or the add. These passes are a large share of a CPU forward (the
+machine is memory-bound on them), so this is where inference time goes down. Everywhere else --
+training, other devices and dtypes, tracing and export (whose graphs must hold portable ops) -- it
+is the same arithmetic in plain ops. The two agree to rounding (different GEMM blocking), which the
+tests bound. Both return the compute dtype (under autocast: autocast's, layer scale included).
 
-**GELU + depthwise conv** (the FFN's middle, ``conv(gelu(h))`` on the widest tensor of the block).
-Autograd would keep both ``h`` (for GELU's backward) and ``gelu(h)`` (for the conv's weight
-gradient); :func:`gelu_dwconv` keeps only ``h`` and recomputes ``gelu(h)`` in the backward pass.
-That is one elementwise pass more per block and a third less FFN activation memory in training.
+**Depthwise convolutions** (:func:`depthwise_conv`, and :func:`gelu_dwconv` for the FFN's middle,
+``conv(gelu(h))`` on the widest tensor of the block). In CPU training their weight gradient comes
+from a compiled kernel (:mod:`rmt.models.fast.kernel`): oneDNN's is 5-25x slower than its forward
+pass on these shapes. Autograd would keep both ``h`` (for GELU's backward) and ``gelu(h)`` (for the
+conv's weight gradient); :func:`gelu_dwconv` keeps only ``h``, a third less FFN activation memory in
+training; the kernel applies GELU as it reads ``h`` (without it, ``gelu(h)`` is recomputed).
+
+**Attention** (:func:`attention`): ``scaled_dot_product_attention``, except for CPU training passes
+in bfloat16 or float16, which run in float32: the CPU flash kernel's reduced-precision backward is
+6-9x slower than its float32 backward on the shapes of MaSA (measured, torch 2.14).
 """
 from __future__ import annotations
 
@@ -24,11 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast_path_allowed
+from . import compute_dtype, fast_path_allowed, kernel
 
-__all__ = ["fused_linear", "gelu_dwconv", "use_onednn"]
+__all__ = ["fused_linear", "gelu_dwconv", "depthwise_conv", "layer_norm", "attention", "use_onednn"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# dtypes the oneDNN path runs in: bfloat16 where oneDNN has bf16 kernels for this CPU (AVX512-BF16/AMX,
+# or AVX512 emulation)
+_ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                     else ())
+_REDUCED = (torch.bfloat16, torch.float16)
 _enabled = True
 
 
@@ -38,14 +50,16 @@ def use_onednn(enabled: bool) -> None:
     _enabled = enabled
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor],
+                    dtype: torch.dtype) -> bool:
     if not (_ONEDNN and _enabled) or not fast_path_allowed(x):
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.device.type != "cpu" or dtype not in _ONEDNN_DTYPES or x.dtype not in _ONEDNN_DTYPES:
         return False
-    if weight.dtype != torch.float32 or not x.is_contiguous() or x.is_sparse:
+    if weight.dtype not in _ONEDNN_DTYPES or not x.is_contiguous() or x.is_sparse:
         return False
-    if residual is not None and (residual.shape[:-1] != x.shape[:-1] or not residual.is_contiguous()):
+    if residual is not None and (residual.shape[:-1] != x.shape[:-1] or not residual.is_contiguous()
+                                 or residual.dtype != dtype):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (residual is not None and residual.requires_grad)):
@@ -58,12 +72,18 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False, scale
     """``residual + scale * act(layer(x))``; ``act`` is exact (erf) GELU or the identity.
 
     ``scale`` broadcasts over the output channels (layer scale); ``residual`` has the output's shape.
+    The result is in the compute dtype (autocast's, or ``x``'s without autocast), or in the
+    residual's where that is wider.
     """
     weight, bias = layer.weight, layer.bias
-    if _onednn_applies(x, weight, residual) and not (gelu and residual is not None):
+    dtype = compute_dtype(x)
+    if _onednn_applies(x, weight, residual, dtype) and not (gelu and residual is not None):
         if scale is not None:  # scale * (W x + b) == (scale W) x + scale b
             s = scale.reshape(-1)
             weight, bias = weight * s[:, None], None if bias is None else bias * s
+        # what autocast does for F.linear: inputs, weight and bias in the compute dtype
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
@@ -71,8 +91,74 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False, scale
     if gelu:
         y = F.gelu(y)
     if scale is not None:
-        y = scale * y
+        y = scale.to(y.dtype) * y  # the layer scale in the output's dtype (a float32 scale would widen it)
     return y if residual is None else residual + y
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, gelu: bool = False
+          ) -> torch.Tensor:
+    """``conv2d(act(x), weight, bias, padding, groups=C)`` in ``x``'s dtype (``act`` GELU with ``gelu``)."""
+    return F.conv2d(F.gelu(x) if gelu else x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                    padding=padding, groups=weight.shape[0])
+
+
+def _depthwise_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, padding, has_bias: bool,
+                        needs, gelu: bool = False) -> tuple:
+    """Gradients of ``conv2d(act(x), weight, bias, padding, groups=C)`` (depthwise, stride 1;
+    ``act`` GELU with ``gelu``) for ``act(x)``, ``weight`` and the bias, each where ``needs`` asks
+    for it, in the dtypes of ``x`` and ``weight`` (the bias's in float32).
+
+    With the compiled kernel the input gradient is the forward conv of ``grad`` by the flipped kernel
+    (oneDNN's forward pass is 1.5-2x faster than its input gradient here) and the weight gradient
+    comes from the kernel (``act`` applied on the fly); else both come from ``convolution_backward``."""
+    groups = weight.shape[0]
+    grad_x = grad_w = grad_b = None
+    if kernel.depthwise_applies(x, weight, padding):
+        grad = grad.to(x.dtype)
+        grad = grad if grad.stride(1) == 1 else grad.contiguous(memory_format=torch.channels_last)
+        if needs[0]:
+            grad_x = _conv(grad, weight.flip((-1, -2)), None, padding)
+        if needs[1] or (has_bias and needs[2]):
+            grad_w, grad_b = kernel.depthwise_weight_grad(x, grad, weight.shape[-1], gelu)
+    else:
+        activation = F.gelu(x) if gelu else x
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, activation, weight.to(x.dtype), [groups] if has_bias else None, [1, 1], list(padding), [1, 1],
+            False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
+    grad_w = None if grad_w is None or not needs[1] else grad_w.to(weight.dtype)
+    grad_b = None if grad_b is None or not (has_bias and needs[2]) else grad_b
+    return grad_x, grad_w, grad_b
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """``conv2d(x, weight, bias)`` (depthwise, stride 1) with the compiled weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _conv(x, weight, bias, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w, grad_b = _depthwise_backward(x, weight, grad, ctx.padding, ctx.has_bias, ctx.needs_input_grad)
+        return grad_x, grad_w, None if grad_b is None else grad_b.to(ctx.bias_dtype), None
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding) -> torch.Tensor:
+    """Depthwise stride-1 ``conv2d(x, weight, bias, padding)`` of an NCHW (channels-last) ``x``.
+
+    Under autograd, where the compiled weight gradient applies, its backward pass uses it; otherwise
+    it is the plain op. Either way it computes in the compute dtype (autocast's, else ``x``'s).
+    """
+    dtype = compute_dtype(x)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if needs_grad and kernel.depthwise_applies(x, weight, padding, dtype):
+        return _DepthwiseConv.apply(x.to(dtype), weight, bias, tuple(padding))
+    return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
 
 
 class _GeluDWConv(torch.autograd.Function):
@@ -83,21 +169,14 @@ class _GeluDWConv(torch.autograd.Function):
         ctx.save_for_backward(h, weight)
         ctx.padding, ctx.has_bias = padding, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        w = weight.to(h.dtype)
-        return F.conv2d(F.gelu(h), w, None if bias is None else bias.to(h.dtype), padding=padding,
-                        groups=weight.shape[0])
+        return _conv(h, weight, bias, padding, gelu=True)
 
     @staticmethod
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
-        activation = F.gelu(h)  # recomputed instead of stored
-        groups = weight.shape[0]
-        grad_act, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, activation, weight.to(h.dtype), [groups] if ctx.has_bias else None, [1, 1],
-            list(ctx.padding), [1, 1], False, [0, 0], groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
-        grad_h = torch.ops.aten.gelu_backward(grad_act, h) if ctx.needs_input_grad[0] else None
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        needs = ctx.needs_input_grad
+        grad_act, grad_w, grad_b = _depthwise_backward(h, weight, grad, ctx.padding, ctx.has_bias, needs, gelu=True)
+        grad_h = torch.ops.aten.gelu_backward(grad_act, h) if needs[0] else None
         grad_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None
 
@@ -105,11 +184,39 @@ class _GeluDWConv(torch.autograd.Function):
 def gelu_dwconv(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding) -> torch.Tensor:
     """Depthwise ``conv2d(gelu(h), weight, bias, padding)`` of an NCHW (or channels-last) ``h``.
 
-    Under autograd it stores ``h`` alone (see the module doc); otherwise it is the plain ops.
+    Under autograd it stores ``h`` alone (see the module doc); with the compiled weight gradient,
+    which applies GELU as it reads ``h``, the backward pass does not recompute ``gelu(h)``. Either
+    way it computes in the compute dtype (autocast's, else ``h``'s).
     """
+    dtype = compute_dtype(h)
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     if needs_grad and fast_path_allowed(h):
-        with torch.autocast(h.device.type, enabled=False):  # computes in h's dtype, as autocast would
-            return _GeluDWConv.apply(h, weight, bias, tuple(padding))
+        # autocast would run the conv (and so GELU's output) in its dtype: cast h first, then all of
+        # the function's ops run in that dtype whether autocast is on or not (any device, meta too)
+        return _GeluDWConv.apply(h.to(dtype), weight, bias, tuple(padding))
     return F.conv2d(F.gelu(h), weight.to(h.dtype), None if bias is None else bias.to(h.dtype), padding=padding,
                     groups=weight.shape[0])
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm(x)``: in CPU inference the compiled kernel (ATen's runs at a third of the memory speed in
+    bfloat16; see :func:`rmt.models.fast.kernel.layer_norm_applies`), else the module."""
+    if kernel.layer_norm_applies(x, norm):
+        return kernel.layer_norm(x, norm)
+    return norm(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T scale + bias) v`` of ``(B, H, L, D)`` views (``scaled_dot_product_attention``).
+
+    A CPU pass that autograd will differentiate, in bfloat16 or float16 (the tensors' or autocast's),
+    runs in float32 and returns the reduced dtype: the CPU flash kernel's reduced-precision backward
+    is 6-9x slower than its float32 one. Everything else is the plain call.
+    """
+    dtype = compute_dtype(q)
+    if (q.device.type == "cpu" and dtype in _REDUCED and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad) and fast_path_allowed(q)):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs back down
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(), scale=scale)
+        return out.to(dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
