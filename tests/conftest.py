@@ -14,6 +14,16 @@ from rmt.training.checkpoint import Progress, RunCheckpoint
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where PyTorch sees a GPU and are skipped (and say so) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (none on this machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def write_run_checkpoint(path, model: torch.nn.Module, meta: dict, **fields):
     """A run checkpoint (``last.pth``/``best.pth``) for ``model``, as `rmt train` writes it."""
     optimizer = torch.optim.AdamW(model.parameters())

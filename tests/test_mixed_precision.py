@@ -17,7 +17,6 @@ from rmt.models import RMT
 from rmt.models.fast import compute_dtype, ops
 from rmt.models.fast import kernel as kernels
 
-CUDA = torch.cuda.is_available()
 BF16 = torch.bfloat16
 # head dims 16/32/32/32 (all compiled), every stage decomposed: every attention pass is a short one
 SHORT_ARGS = dict(TINY_ARGS, embed_dims=(32, 64, 128, 128), decomposed=(True, True, True, True))
@@ -240,7 +239,7 @@ def test_bf16_logits_stay_close_to_the_golden_float32(golden_checkpoint, name):
 
 
 # ------------------------------------------------------------------------------------------ CUDA
-cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without CUDA (conftest.py)
 
 
 @cuda

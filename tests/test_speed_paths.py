@@ -12,8 +12,6 @@ from golden import TINY_ARGS, TINY_CASES
 from rmt.models import RMT
 from rmt.models.fast import ops as fused
 
-CUDA = torch.cuda.is_available()
-
 
 @pytest.fixture
 def onednn_switch():
@@ -172,7 +170,7 @@ def test_compiled_training_step_matches_eager():
 
 
 # ------------------------------------------------------------------------------------------- CUDA
-cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without CUDA (conftest.py)
 
 
 @cuda

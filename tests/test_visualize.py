@@ -14,7 +14,7 @@ from conftest import write_run_checkpoint
 from golden import TINY_ARGS
 from rmt.cli import main
 from rmt.models import RMT
-from rmt.tools.visualize import attention_maps, decay_maps, grad_cam, masa_query_weights
+from rmt.tools.visualize import attention_maps, decay_maps, grad_cam
 
 # 64 px -> token grids 16, 8, 4, 2; stages 1-2 decomposed, 3-4 full, two blocks in stage 3
 TINY = dict(TINY_ARGS, decomposed=(True, True, False, False))
@@ -84,7 +84,7 @@ def test_query_weights_reproduce_the_masa_output(tiny):
         _, h, w, c = x.shape
         n, d = masa.num_heads, masa.key_dim
         for query in [(0, 0), (h // 2, w - 1), (h - 1, w // 3)]:
-            weights = masa_query_weights(masa, x, tables, query)  # (n, h, w)
+            weights = masa.query_weights(x, tables, query)  # (n, h, w)
             assert weights.shape == (n, h, w)
             assert weights.min() >= 0 and torch.allclose(weights.sum((1, 2)), torch.ones(n, dtype=weights.dtype))
             with torch.no_grad():

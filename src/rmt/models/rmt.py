@@ -70,12 +70,6 @@ class FFN(nn.Module):
         return fused_linear(hidden, self.fc2, scale=scale, residual=residual)
 
 
-# FX: timm's tracer (``create_feature_extractor`` with timm's leaf list, ``features_only`` with
-# ``feature_cls='fx'``) calls these as leaves, so the graph runs their fast paths and the table cache;
-# traced without that list they record their plain ops.
-register_notrace_module(RelPos2d)
-register_notrace_module(MaSA)
-register_notrace_module(FFN)
 
 
 class RMTBlock(nn.Module):
@@ -110,9 +104,21 @@ class RMTBlock(nn.Module):
             x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
             y = self.ffn(self.final_layer_norm(x))
             return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
-        # residual adds and layer scale ride on the output projections (see rmt.models.fused)
+        # residual adds and layer scale ride on the output projections (see rmt.models.fast.ops)
+        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors: plain ops
+            x = self.retention(self.retention_layer_norm(x), tables, residual=x, scale=self.gamma_1)
+            return self.ffn(self.final_layer_norm(x), residual=x, scale=self.gamma_2)
         x = self.retention(layer_norm(x, self.retention_layer_norm), tables, residual=x, scale=self.gamma_1)
         return self.ffn(layer_norm(x, self.final_layer_norm), residual=x, scale=self.gamma_2)
+
+
+# FX: timm's tracer (``create_feature_extractor`` with timm's leaf list, ``features_only`` with
+# ``feature_cls='fx'``) calls these as leaves, so the graph runs their fast paths (the blocks' layer
+# norms included) and the table cache; traced without that list they record their plain ops.
+register_notrace_module(RelPos2d)
+register_notrace_module(MaSA)
+register_notrace_module(FFN)
+register_notrace_module(RMTBlock)
 
 
 class Downsample(nn.Module):

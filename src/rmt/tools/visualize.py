@@ -9,9 +9,8 @@ figures. Decomposed stages apply the same rates as ``gamma_t ** |dr|`` in the he
 ``gamma_t ** |dc|`` in the width pass.
 
 **Attention.** :func:`attention_maps` captures the input of one block's MaSA per stage (a forward
-pre-hook on ``layers[i].blocks[j].retention``), recomputes the rotated queries and keys with the
-module's own weights and the stage's tables, and forms the softmax weights of one query token
-explicitly:
+pre-hook on ``layers[i].blocks[j].retention``) and asks that module for the softmax weights of one
+query token (:meth:`rmt.models.masa.MaSA.query_weights`, which forms them explicitly):
 
 * full MaSA: ``softmax_j(q'_i . k'_j * s + lambda_t * D(i, j))`` over all tokens;
 * decomposed MaSA: the width pass (each row) then the height pass (the query's column) on the
@@ -44,14 +43,13 @@ from torch import nn
 from ..data.image import BadImageError
 from ..errors import RMTError
 from ..files import atomic_write_bytes
-from ..models.masa import MaSA, MaSATables, _rotate
+from ..models.masa import MaSATables
 
 __all__ = [
     "StageAttention",
     "attention_maps",
     "decay_maps",
     "grad_cam",
-    "masa_query_weights",
     "plot_attention",
     "plot_decay",
     "visualize_attention",
@@ -143,41 +141,6 @@ def plot_decay(model: nn.Module, output: str | os.PathLike, grid: tuple[int, int
 
 
 # -------------------------------------------------------------------------------------- attention
-def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    return logits.double().softmax(dim=-1)
-
-
-@torch.no_grad()
-def masa_query_weights(masa: MaSA, x: torch.Tensor, tables: MaSATables, query: tuple[int, int]) -> torch.Tensor:
-    """Attention weights ``(heads, h, w)`` of the query token ``(r, c)`` over all tokens (float64).
-
-    ``x`` is the input of ``masa`` (``(1, h, w, C)``, after the block's LayerNorm) and ``tables``
-    the stage's tables for that grid. Full MaSA: one softmax over all tokens. Decomposed: the
-    effective weight ``A_h[c](r, r') * A_w[r'](c, c')`` of the width-then-height passes.
-    """
-    if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"expected the MaSA input of one image (1, h, w, C), got {tuple(x.shape)}")
-    _, h, w, c = x.shape
-    r, col = query
-    n, d = masa.num_heads, masa.key_dim
-    q, k, _ = masa.qkv(x).split(c, dim=-1)
-    q = _rotate(q.unflatten(-1, (n, d)), tables)[0].double()  # (h, w, n, d)
-    k = _rotate(k.unflatten(-1, (n, d)), tables)[0].double()
-    bias = tables.bias[0].double()
-    if not masa.decomposed:
-        logits = torch.einsum("nd,hwnd->nhw", q[r, col], k) * masa.scale
-        logits = logits.flatten(1) + bias[:, r * w + col]  # (n, h*w)
-        return _softmax_rows(logits).unflatten(1, (h, w))
-    # width pass of every row r', read at the query's column: A_w[r'](col, c')  -> (n, h, w)
-    width_logits = torch.einsum("hnd,hwnd->nhw", q[:, col], k) * masa.scale + bias[:, col][:, None, :]
-    a_w = _softmax_rows(width_logits)
-    # height pass of the query's column: A_h[col](r, r')  -> (n, h)
-    bias_h = tables.bias_h[0].double().unflatten(0, (w, n))[col]  # (n, h, h)
-    height_logits = torch.einsum("nd,hnd->nh", q[r, col], k[:, col]) * masa.scale + bias_h[:, r]
-    a_h = _softmax_rows(height_logits)
-    return a_h[:, :, None] * a_w
-
-
 @dataclass
 class StageAttention:
     """The attention of one query token in one block of a stage."""
@@ -255,7 +218,7 @@ def attention_maps(model: nn.Module, images: torch.Tensor, query: tuple[float, f
         token = _query_token(query, x.shape[1], x.shape[2])
         masa = stage.blocks[chosen[i]].retention
         result.append(StageAttention(i, chosen[i], masa.decomposed, token,
-                                     masa_query_weights(masa, x, tables, token).cpu()))
+                                     masa.query_weights(x, tables, token).cpu()))
     return result
 
 
