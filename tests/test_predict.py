@@ -173,3 +173,19 @@ def test_cli_user_errors_exit_2(photos, tmp_path, run_checkpoint, capsys):
 def test_prediction_json_shape():
     p = Prediction("a.png", topk=[{"label": "x", "index": 0, "prob": 0.5}])
     assert json.loads(json.dumps(p.to_dict())) == {"path": "a.png", "topk": [{"label": "x", "index": 0, "prob": 0.5}]}
+
+
+def test_default_precision_is_bf16_where_the_machine_runs_it_natively(photos, tiny_classifier):
+    """`rmt predict` picks bf16 autocast on a CPU with AVX512-BF16/AMX (this project's machine), else
+    float32, says which, and its probabilities stay within 0.01 of float32's."""
+    from rmt.training.precision import fast_bf16
+
+    root, good, _ = photos
+    auto = load_classifier(tiny_classifier, device="cpu")
+    exact = load_classifier(tiny_classifier, device="cpu", amp="none")
+    assert auto.precision == ("bf16 autocast" if fast_bf16(torch.device("cpu")) else "float32")
+    assert exact.precision == "float32"
+    batch = torch.stack([exact.preprocess(exact.read(root / name)) for name in good])
+    reduced, full = auto.probabilities(batch), exact.probabilities(batch)
+    assert reduced.dtype == full.dtype == torch.float32
+    torch.testing.assert_close(reduced, full, atol=1e-2, rtol=0)
