@@ -3,7 +3,9 @@ here in one interleaved run per (mode, precision), against its published ImageNe
 
     python benchmarks/frontier.py --output benchmarks/results/frontier      # ~30 min on 2 CPU cores
 
-Writes ``frontier.json`` (every measurement) and ``frontier.png`` (four panels: float32 and bf16
+Inference times all 14 models in one interleaved run per precision; training, one run per size tier
+(``TRAIN_TIERS``: all 14 do not fit in memory together), each with rmt_s in it. Writes
+``frontier.json`` (every measurement) and ``frontier.png`` (four panels: float32 and bf16
 autocast, inference at batch 32 and a training step at batch 16, 224x224), and prints a Markdown
 table. Top-1 is what each paper reports for ImageNet-1k training at 224x224 (no extra data, no
 distillation, no token labelling); the throughput is this machine's.
@@ -18,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from rmt.runtime import keep_freed_memory  # noqa: E402
 from rmt.tools.benchmark import benchmark  # noqa: E402
@@ -42,16 +45,44 @@ PUBLISHED = {
 SETTINGS = [("infer", None, 32), ("infer", "bf16", 32), ("train", None, 16), ("train", "bf16", 16)]
 STYLE = {"RMT": ("tab:red", "o"), "Swin": ("tab:blue", "s"), "ConvNeXt": ("tab:green", "^"),
          "CAFormer": ("tab:purple", "D"), "MambaOut": ("tab:orange", "v")}
+# Training all 14 models in one process needs more than 24 GiB (weights, gradients and AdamW states of
+# every model, and each one's activations kept in the heap), so training runs one interleaved run per
+# size tier, each with rmt_s in it: rmt_s's row in each tier shows how much the tiers' runs differ.
+TRAIN_TIERS = [
+    ["rmt_t", "rmt_s", "swin_tiny_patch4_window7_224", "convnext_tiny", "caformer_s18", "mambaout_tiny"],
+    ["rmt_s", "rmt_b", "swin_small_patch4_window7_224", "convnext_small", "caformer_s36", "mambaout_small"],
+    ["rmt_s", "rmt_l", "swin_base_patch4_window7_224", "convnext_base"],
+]
 
 
-def measure(models, iters: int, warmup: int):
+def setting_name(mode: str, amp) -> str:
+    return f"{mode}-{amp or 'float32'}"
+
+
+def measure(settings, iters: int, warmup: int):
     rows = []
-    for mode, amp, batch in SETTINGS:
-        print(f"{mode}, {amp or 'float32'}, batch {batch}", flush=True)
-        for r in benchmark(models, batch_size=batch, mode=mode, amp=amp, iters=iters, warmup=warmup, memory=False):
-            rows.append(dict(r.to_dict(), precision=amp or "float32"))
-            print(f"  {r.model:32s} {r.img_per_s:7.2f} img/s", flush=True)
-    return rows
+    for mode, amp, batch in settings:
+        groups = [list(PUBLISHED)] if mode == "infer" else TRAIN_TIERS
+        for tier, models in enumerate(groups):
+            print(f"{mode}, {amp or 'float32'}, batch {batch}" + (f", tier {tier}" if len(groups) > 1 else ""),
+                  flush=True)
+            for r in benchmark(models, batch_size=batch, mode=mode, amp=amp, iters=iters, warmup=warmup,
+                               memory=False):
+                rows.append(dict(r.to_dict(), precision=amp or "float32", tier=tier))
+                print(f"  {r.model:32s} {r.img_per_s:7.2f} img/s", flush=True)
+            yield rows
+            rows = []
+
+
+def first_rows(rows):
+    """One row per (model, mode, precision): rmt_s, timed in every training tier, by its first tier."""
+    seen, out = set(), []
+    for r in rows:
+        key = (r["model"], r["mode"], r["precision"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def plot(rows, path: Path) -> None:
@@ -69,6 +100,8 @@ def plot(rows, path: Path) -> None:
                     ax.annotate(r["model"].split("_patch")[0].replace("_", "-"), (r["img_per_s"],
                                 PUBLISHED[r["model"]][0]), textcoords="offset points", xytext=(4, 3), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 5, 10, 20: not 5x10^0
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "2358" else ""))
         ax.set(xlabel=f"img/s ({'inference' if mode == 'infer' else 'training step'}, batch {batch}, 224 px)",
                ylabel="ImageNet-1k top-1 (%, published)", title=f"{'inference' if mode == 'infer' else 'training'}, "
                                                                   f"{precision}")
@@ -94,16 +127,24 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/frontier", help="path prefix of the .json and .png")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    names = [setting_name(mode, amp) for mode, amp, _ in SETTINGS]
+    parser.add_argument("--settings", nargs="+", choices=names, default=names,
+                        help="which settings to measure; their rows replace those in an existing .json")
     parser.add_argument("--plot-only", action="store_true", help="redraw from an existing .json")
     args = parser.parse_args()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.plot_only:
-        rows = json.loads(out.with_suffix(".json").read_text())
-    else:
+    json_path = out.with_suffix(".json")
+    rows = json.loads(json_path.read_text()) if json_path.is_file() else []
+    if not args.plot_only:
         keep_freed_memory()
-        rows = measure(list(PUBLISHED), args.iters, args.warmup)
-        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        chosen = [s for s in SETTINGS if setting_name(s[0], s[1]) in args.settings]
+        rows = [r for r in rows if setting_name(r["mode"], None if r["precision"] == "float32" else r["precision"])
+                not in args.settings]
+        for new in measure(chosen, args.iters, args.warmup):
+            rows.extend(new)
+            json_path.write_text(json.dumps(rows, indent=1))  # after each run: a crash keeps what was measured
+    rows = first_rows(rows)
     plot(rows, out.with_suffix(".png"))
     print(table(rows))
 

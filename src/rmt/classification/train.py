@@ -89,9 +89,9 @@ def train(cfg: ClassificationConfig) -> RunResult:
         run.begin(model, optimizer, scheduler, meta=meta, ema_decay=cfg.model_ema_decay ** (global_batch / 512.0))
 
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        run.log(f"{cfg.model}: {params / 1e6:.2f}M params, {len(data.classes)} classes; {len(data.train)} train / "
-                f"{len(data.val)} val images ({data.name}); {run.info.world_size} process(es) on {run.device} in "
-                f"{run.precision}, global batch {global_batch}, lr {lr:.3g}; output {run.output}")
+        run.log_start(f"{cfg.model}: {params / 1e6:.2f}M params, {len(data.classes)} classes",
+                      f"{len(data.train)} train / {len(data.val)} val images ({data.name})",
+                      f"global batch {global_batch}, lr {lr:.3g}")
         if finetuned:
             fresh = finetuned["reinitialised"]
             run.log(f"finetune: loaded {len(finetuned['loaded'])} tensors from {cfg.finetune}; re-initialised "

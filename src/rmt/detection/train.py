@@ -70,10 +70,10 @@ def train(cfg: DetConfig) -> RunResult:
         run.begin(model, optimizer, scheduler, meta=dict(model=cfg.backbone, class_names=data.class_names,
                                                          num_classes=len(data.class_names)))
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        run.log(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, {len(data.class_names)} "
-                f"classes; {len(data.train)} train / {len(data.val)} val images ({data.name}); "
-                f"{run.info.world_size} process(es) on {run.device} in {run.precision}, {cfg.batch_size} images per "
-                f"process, {cfg.epochs} epochs of {updates_per_epoch} iterations; output {run.output}")
+        run.log_start(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, "
+                      f"{len(data.class_names)} classes", f"{len(data.train)} train / {len(data.val)} val images "
+                      f"({data.name})", f"{cfg.batch_size} images per process, {cfg.epochs} epochs of "
+                      f"{updates_per_epoch} iterations")
 
         for epoch in run.epochs(cfg.epochs):
             ddp.train()

@@ -192,39 +192,6 @@ class RelPos2d(nn.Module):
             bias = (manhattan * decay[:, None, None])[None]
         return MaSATables(cos.to(dtype).contiguous(), sin.to(dtype).contiguous(), bias.to(dtype).contiguous(), bias_h)
 
-    @torch.jit.unused
-    def query_weights(self, x: torch.Tensor, tables: MaSATables, query: tuple[int, int]) -> torch.Tensor:
-        """The attention weights ``(heads, h, w)`` (float64) of query token ``(row, col)`` over all tokens.
-
-        ``x`` is this layer's input for one image, ``(1, h, w, C)``; ``tables`` the stage's tables for
-        that grid. Full MaSA: one softmax over all tokens. Decomposed: the effective weight
-        ``A_h[col](row, r') * A_w[r'](col, c')`` of the row-then-column passes (the value path they
-        mix). For visualisation; each head sums to 1.
-        """
-        if x.dim() != 4 or x.shape[0] != 1:
-            raise ValueError(f"expected the MaSA input of one image (1, h, w, C), got {tuple(x.shape)}")
-        _, h, w, c = x.shape
-        row, col = query
-        if not (0 <= row < h and 0 <= col < w):
-            raise ValueError(f"query token {query} lies outside the {h}x{w} grid")
-        n, d = self.num_heads, self.key_dim
-        with torch.no_grad():
-            q, k, _ = F.linear(x, self.qkv.weight, self.qkv.bias).double().split(c, dim=-1)
-        cos, sin = tables.cos.double(), tables.sin.double()
-        q = _rotate_plain(q.reshape(1, h, w, n, d), cos, sin)[0]  # (h, w, n, d)
-        k = _rotate_plain(k.reshape(1, h, w, n, d), cos, sin)[0]
-        bias = tables.bias[0].double()
-        if not self.decomposed:
-            logits = torch.einsum("nd,hwnd->nhw", q[row, col], k).flatten(1) * self.scale
-            return (logits + bias[:, row * w + col]).softmax(-1).unflatten(1, (h, w))
-        # the row pass of every row r', read at the query's column: A_w[r'](col, c') -> (n, h, w)
-        a_w = (torch.einsum("hnd,hwnd->nhw", q[:, col], k) * self.scale + bias[:, col][:, None, :]).softmax(-1)
-        # the column pass of the query's column: A_h[col](row, r') -> (n, h)
-        assert tables.bias_h is not None
-        bias_h = tables.bias_h[0].double().unflatten(0, (w, n))[col]  # (n, h, h)
-        a_h = (torch.einsum("nd,hnd->nh", q[row, col], k[:, col]) * self.scale + bias_h[:, row]).softmax(-1)
-        return a_h[:, :, None] * a_w
-
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, decomposed={self.decomposed}"
 

@@ -80,10 +80,9 @@ def train(cfg: SegConfig) -> RunResult:
         run.begin(model, optimizer, scheduler, meta=dict(model=cfg.backbone, class_names=data.class_names,
                                                          num_classes=len(data.class_names)))
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        run.log(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, {len(data.class_names)} "
-                f"classes; {len(data.train)} train / {len(data.val)} val images ({data.name}); "
-                f"{run.info.world_size} process(es) on {run.device} in {run.precision}, {cfg.batch_size} images per "
-                f"process, {cfg.max_iters} iterations; output {run.output}")
+        run.log_start(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, "
+                      f"{len(data.class_names)} classes", f"{len(data.train)} train / {len(data.val)} val images "
+                      f"({data.name})", f"{cfg.batch_size} images per process, {cfg.max_iters} iterations")
 
         def describe(row) -> str:
             return (f"iteration {row['iteration']}/{cfg.max_iters}: train loss {row['train_loss']:.4f}, mIoU "

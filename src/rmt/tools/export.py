@@ -57,7 +57,7 @@ from ..files import atomic_write_bytes
 from ..models.factory import checkpoint_info
 from ..models.masa import MaSATables, RelPos2d, TokenConv
 from ..models.rmt import RMT
-from .quantize import quantize_export
+from .quantize import check_data_folders, quantize_export
 
 __all__ = ["FORMATS", "QUANTIZE", "ExportResult", "ExportVerificationError", "export_model", "fold_for_export",
            "freeze_masa_tables", "load_exported", "verify_export"]
@@ -384,6 +384,7 @@ def export_model(
         progress: show progress bars (calibration and evaluation).
     """
     _check_options(fmt, dynamic_size, static, batch_size, quantize, calib_data, eval_data)
+    check_data_folders(calib_data, eval_data)  # a wrong folder is reported before minutes of exporting
 
     classifier = load_classifier(model, checkpoint, device="cpu", amp="none")  # exports are float32 graphs
     net = classifier.model.float().eval()

@@ -175,18 +175,28 @@ def run_datasets(classifier: Classifier, checkpoint: str | os.PathLike | None,
                    "config.yaml names its image folder): pass --calib-data DIR and --eval-data DIR")
 
 
+def check_data_folders(calib_data: str | os.PathLike | None, eval_data: str | os.PathLike | None) -> list[Path]:
+    """Refuse a missing ``--calib-data``/``--eval-data`` folder, or calibration folder without images,
+    before any export work; returns the calibration images (empty without ``--calib-data``)."""
+    files: list[Path] = []
+    if calib_data is not None:
+        root = Path(calib_data)
+        if not root.is_dir():
+            raise RMTError(f"--calib-data {root}: no such folder")
+        files = [f for f in find_images([root]) if isinstance(f, Path)]
+        if not files:
+            raise RMTError(f"--calib-data {root}: no image files in it")
+    if eval_data is not None and not Path(eval_data).is_dir():
+        raise RMTError(f"--eval-data {eval_data}: no such folder")
+    return files
+
+
 def _calibration_set(classifier: Classifier, calib_data: str | os.PathLike | None, own: Dataset | None,
                      own_name: str | None) -> tuple[Dataset, str]:
     if calib_data is None:
         assert own is not None
         return own, own_name or "the run's own training images"
-    root = Path(calib_data)
-    if not root.is_dir():
-        raise RMTError(f"--calib-data {root}: no such folder")
-    files = [f for f in find_images([root]) if isinstance(f, Path)]
-    if not files:
-        raise RMTError(f"--calib-data {root}: no image files in it")
-    return _ImageFiles(files, classifier), str(root)
+    return _ImageFiles(check_data_folders(calib_data, None), classifier), str(calib_data)
 
 
 def _batches(dataset: Dataset, limit: int, batch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
@@ -307,9 +317,8 @@ def quantize_export(
     calib_set, calib_name = _calibration_set(classifier, calib_data, own[0] if own else None,
                                              own[1] if own else None)
     if eval_data is not None:
+        check_data_folders(None, eval_data)
         root = Path(eval_data)
-        if not root.is_dir():
-            raise RMTError(f"--eval-data {root}: no such folder")
         eval_set, eval_name = _image_folder(root, classifier, class_names), str(root)
         if len(eval_set.classes) != classifier.model.num_classes:
             raise RMTError(f"--eval-data {root} has {len(eval_set.classes)} classes, the model "

@@ -207,6 +207,12 @@ class TrainingRun:
         if self.info.is_main:
             tqdm.write(message, file=sys.stderr) if sys.stderr.isatty() else _logger.info(message)
 
+    def log_start(self, model: str, data: str, schedule: str) -> None:
+        """The run's first line, the same for every task: what trains, on what data, where, in which
+        precision, how long, and where its files go."""
+        self.log(f"{model}; {data}; {self.info.world_size} process(es) on {self.device} in {self.precision}, "
+                 f"{schedule}; output {self.output}")
+
     # ------------------------------------------------------------------------------ building
     def prepare_model(self, model: nn.Module, find_unused_parameters: bool = False) -> Tuple[nn.Module, nn.Module]:
         """Move ``model`` to the device (SyncBatchNorm on CUDA with ``sync_bn``) and wrap it in DDP when
