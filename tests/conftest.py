@@ -8,6 +8,8 @@ import torch
 import rmt  # noqa: F401  registers the models
 from golden import TINY_CASES, load_golden, official_state_dict, save_official_checkpoint
 from rmt.files import atomic_save
+from rmt.models import RMT
+from rmt.models.rmt import checkpoint_filter_fn
 from rmt.models.weights import save_weights
 from rmt.training.checkpoint import Progress, RunCheckpoint
 
@@ -47,3 +49,23 @@ def golden_checkpoint(tmp_path):
         return path, data, dict(TINY_CASES[name])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Export and the runtimes' first calls are op-by-op work on small tensors: on a small shared CPU,
+    a second intra-op thread only adds wake-up latency (TorchScript calls measured ~1 s vs ~0.01 s).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def golden_tiny():
+    """The golden tiny model (full and decomposed MaSA, layer scale) with its seeded weights, in eval
+    mode: logits of order one, so 1e-4 is a real bound."""
+    model = RMT(**TINY_CASES["official_tiny"]).eval()
+    model.load_state_dict(checkpoint_filter_fn(official_state_dict(load_golden("official_tiny")["keys"]), model))
+    return model

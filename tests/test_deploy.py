@@ -8,15 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from golden import TINY_CASES, load_golden, official_state_dict
 from rmt.classification.evaluate import evaluate
 from rmt.cli import main
 from rmt.data import DigitsDataset, collate_skip_bad
 from rmt.errors import RMTError
-from rmt.models import RMT
 from rmt.models.hub import save_hub_folder
 from rmt.models.masa import TokenConv
-from rmt.models.rmt import checkpoint_filter_fn
 from rmt.tools.benchmark import _OnnxRunner, benchmark, profile_onnx
 from rmt.tools.export import export_model, fold_for_export, freeze_masa_tables, load_exported
 from rmt.tools.quantize import OnnxRuntimeModel
@@ -25,20 +22,12 @@ DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean":
                  "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "grayscale": True}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """The golden tiny model (full and decomposed MaSA, layer scale) with its seeded weights."""
-    model = RMT(**TINY_CASES["official_tiny"]).eval()
-    model.load_state_dict(checkpoint_filter_fn(official_state_dict(load_golden("official_tiny")["keys"]), model))
-    return model
+def tiny(golden_tiny):
+    return golden_tiny
 
 
 @pytest.fixture(scope="module")

@@ -7,34 +7,20 @@ import timm
 import torch
 
 from conftest import write_run_checkpoint
-from golden import TINY_CASES, load_golden, official_state_dict
 from rmt.classification.predict import Classifier
 from rmt.cli import main
 from rmt.errors import RMTError
-from rmt.models import RMT
-from rmt.models.rmt import checkpoint_filter_fn
 from rmt.tools.export import ExportVerificationError, export_model, load_exported, verify_export
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Export and the runtimes' first calls are op-by-op work on small tensors: on a small shared CPU,
-    a second intra-op thread only adds wake-up latency (TorchScript calls measured ~1 s vs ~0.01 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """The golden tiny model with its seeded weights: logits of order one, so 1e-4 is a real bound."""
-    model = RMT(**TINY_CASES["official_tiny"]).eval()
-    state = official_state_dict(load_golden("official_tiny")["keys"])
-    model.load_state_dict(checkpoint_filter_fn(state, model))
-    return model
+def tiny(golden_tiny):
+    return golden_tiny
 
 
 def _check_independently(model, path, fmt, shapes):
