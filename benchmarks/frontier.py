@@ -60,18 +60,17 @@ def setting_name(mode: str, amp) -> str:
 
 
 def measure(settings, iters: int, warmup: int):
-    rows = []
+    """Yields the rows of each interleaved run as it finishes."""
     for mode, amp, batch in settings:
         groups = [list(PUBLISHED)] if mode == "infer" else TRAIN_TIERS
         for tier, models in enumerate(groups):
             print(f"{mode}, {amp or 'float32'}, batch {batch}" + (f", tier {tier}" if len(groups) > 1 else ""),
                   flush=True)
-            for r in benchmark(models, batch_size=batch, mode=mode, amp=amp, iters=iters, warmup=warmup,
-                               memory=False):
-                rows.append(dict(r.to_dict(), precision=amp or "float32", tier=tier))
+            results = benchmark(models, batch_size=batch, mode=mode, amp=amp, iters=iters, warmup=warmup,
+                                memory=False)
+            for r in results:
                 print(f"  {r.model:32s} {r.img_per_s:7.2f} img/s", flush=True)
-            yield rows
-            rows = []
+            yield [dict(r.to_dict(), precision=amp or "float32", tier=tier) for r in results]
 
 
 def first_rows(rows):

@@ -409,13 +409,12 @@ def export_model(
     if static:
         freeze_masa_tables(graph_model, example)
     try:
-        data = _serialize(graph_model, example, fmt, dynamic, opset)
-    except RMTError:
+        write_export(graph_model, example, fmt, float_path, dynamic, opset)
+    except RMTError:  # a full disk (rmt.files.WriteError) or an opset the exporter cannot write
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RMTError(f"exporting to {fmt} failed: {type(e).__name__}: {first[:300]}") from e
-    atomic_write_bytes(float_path, data)
     result = ExportResult(float_path, fmt, (channels, h, w), dynamic, batch_size=batch if static else None)
     shapes = [tuple(example.shape)] if static else verify_shapes((channels, h, w), dynamic)
     if verify:

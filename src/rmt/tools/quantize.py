@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..classification.evaluate import evaluate
 from ..classification.predict import Classifier, find_images
 from ..data import BadSample, DigitsDataset, ImageFolderDataset, collate_skip_bad
-from ..data.image import BadImageError
+from ..data.image import BadImageError, is_image_file
 from ..errors import RMTError
 from ..files import atomic_copy
 from ..training.distributed import DistInfo
@@ -175,20 +175,17 @@ def run_datasets(classifier: Classifier, checkpoint: str | os.PathLike | None,
                    "config.yaml names its image folder): pass --calib-data DIR and --eval-data DIR")
 
 
-def check_data_folders(calib_data: str | os.PathLike | None, eval_data: str | os.PathLike | None) -> list[Path]:
-    """Refuse a missing ``--calib-data``/``--eval-data`` folder, or calibration folder without images,
-    before any export work; returns the calibration images (empty without ``--calib-data``)."""
-    files: list[Path] = []
+def check_data_folders(calib_data: str | os.PathLike | None, eval_data: str | os.PathLike | None) -> None:
+    """Refuse a missing ``--calib-data``/``--eval-data`` folder, or a calibration folder without images,
+    before any export work (the search stops at the first image: a big folder is listed only once)."""
     if calib_data is not None:
         root = Path(calib_data)
         if not root.is_dir():
             raise RMTError(f"--calib-data {root}: no such folder")
-        files = [f for f in find_images([root]) if isinstance(f, Path)]
-        if not files:
+        if not any(p.is_file() and is_image_file(p) for p in root.rglob("*")):
             raise RMTError(f"--calib-data {root}: no image files in it")
     if eval_data is not None and not Path(eval_data).is_dir():
         raise RMTError(f"--eval-data {eval_data}: no such folder")
-    return files
 
 
 def _calibration_set(classifier: Classifier, calib_data: str | os.PathLike | None, own: Dataset | None,
@@ -196,7 +193,9 @@ def _calibration_set(classifier: Classifier, calib_data: str | os.PathLike | Non
     if calib_data is None:
         assert own is not None
         return own, own_name or "the run's own training images"
-    return _ImageFiles(check_data_folders(calib_data, None), classifier), str(calib_data)
+    check_data_folders(calib_data, None)
+    files = [f for f in find_images([Path(calib_data)]) if isinstance(f, Path)]
+    return _ImageFiles(files, classifier), str(calib_data)
 
 
 def _batches(dataset: Dataset, limit: int, batch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
