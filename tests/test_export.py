@@ -51,11 +51,22 @@ def test_exported_program_dynamic_batch(tiny, tmp_path):
     _check_independently(tiny, result.path, None, [(5, 3, 32, 32)])  # format read off the .pt2 suffix
 
 
-def test_onnx_dynamic_batch_in_onnxruntime(tiny, tmp_path):
+@pytest.mark.parametrize("opset", [None, 18])
+def test_onnx_dynamic_batch_in_onnxruntime(tiny, tmp_path, opset):
+    """The default opset (23) writes MaSA as ONNX's Attention and RotaryEmbedding operators; an earlier
+    one writes the same arithmetic in plain ops. Both run in ONNX Runtime like PyTorch."""
+    import onnx
     import onnxruntime
 
-    result = export_model(tiny, tmp_path / "tiny.onnx", "onnx", img_size=(32, 32))
+    result = export_model(tiny, tmp_path / "tiny.onnx", "onnx", img_size=(32, 32), opset=opset)
     assert result.dynamic == ["batch"] and result.max_abs_diff <= ATOL
+    model = onnx.load(str(result.path))
+    ops = {n.op_type for n in model.graph.node}
+    opset_written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset is None:
+        assert opset_written == 23 and {"Attention", "RotaryEmbedding"} <= ops and "Softmax" not in ops, ops
+    else:
+        assert opset_written == opset and not {"Attention", "RotaryEmbedding"} & ops and "Softmax" in ops, ops
     [images] = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"]).get_inputs()
     assert images.name == "images" and isinstance(images.shape[0], str) and images.shape[1:] == [3, 32, 32]
     _check_independently(tiny, result.path, "onnx", [(4, 3, 32, 32)])

