@@ -75,8 +75,8 @@ def test_static_graph_for_accelerators(tiny, tmp_path, capsys):
     for stage in frozen.layers:
         tables, heads = stage.relpos, stage.blocks[0].retention.num_heads
         tokens, key_dim = tables.grid[0] * tables.grid[1], tables.cos.shape[-1]
-        expected = {"cos": tables.cos.reshape(tokens, key_dim)[:, ::2], "sin": tables.sin.reshape(tokens, key_dim)[:, 1::2],
-                    "bias": tables.bias}
+        expected = {"cos": tables.cos.reshape(tokens, key_dim)[:, ::2],
+                    "sin": tables.sin.reshape(tokens, key_dim)[:, 1::2], "bias": tables.bias}
         if tables.bias_h is not None:
             expected["bias_h"] = tables.bias_h[:, :heads]
         for name, table in expected.items():
