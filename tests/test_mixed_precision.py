@@ -82,7 +82,7 @@ def test_bf16_inference_takes_every_fast_path(built):
     # q and k rotated as the kernel reads them (AVX-512 builds), else in one pass each
     assert _count(counts, "_Rotate") == (0 if kernels._module.fused_rotation else 2 * blocks)
     if ops._ONEDNN and BF16 in ops._ONEDNN_DTYPES:
-        assert _count(counts, "mkldnn::_linear_pointwise") == 4 * blocks  # qkv, out_proj, fc1, fc2
+        assert _count(counts, "mkldnn::_linear_pointwise") == 6 * blocks  # q, k, v, out_proj, fc1, fc2
     assert not [k for k in counts if "scaled_dot_product" in k], counts
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from .fast import onnx_operators_enabled, tracing
 from .fast.kernel import fused_rotation_applies, rotate, rotation_applies, short_attention, short_attention_applies
-from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv
+from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv, linear_chunks
 
 __all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
 
@@ -323,7 +323,7 @@ class MaSA(nn.Module):
             return self._forward_onnx(x, tables, residual, scale)
         b, h, w, c = x.shape
         n, d = self.num_heads, self.key_dim
-        q, k, v = fused_linear(x, self.qkv).split(c, dim=-1)
+        q, k, v = linear_chunks(x, self.qkv, 3)
         if v.requires_grad:  # saved by LePE and attention: a copy of its own lets the q/k part be freed
             v = v.contiguous()
         lepe = self.lepe(v)
@@ -412,7 +412,8 @@ class MaSA(nn.Module):
         # along the height: columns and heads share the head dimension -> (b, w*n, h, d)
         cols = lambda t: t.flatten(2, 3).transpose(1, 2)  # noqa: E731
         uncols = lambda o: o.transpose(1, 2).contiguous().unflatten(2, (-1, n))  # noqa: E731
-        if (short_attention_applies(rows(q), tables.bias) and short_attention_applies(cols(q), tables.bias_h)
+        cols_probe = q.movedim(1, 3)  # the column view's (len, d) without the copy `cols` may make
+        if (short_attention_applies(rows(q), tables.bias) and short_attention_applies(cols_probe, tables.bias_h)
                 and fused_rotation_applies(q, tables.cos)):
             cos, sin = tables.cos.reshape(h * w, d), tables.sin.reshape(h * w, d)
             # token position of row i of sequence (s, head): rows (s % h) * w + i; columns i * w + head // n

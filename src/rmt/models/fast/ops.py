@@ -33,7 +33,7 @@ from torch import nn
 
 from . import compute_dtype, fast_path_allowed, kernel
 
-__all__ = ["fused_linear", "gelu_dwconv", "depthwise_conv", "layer_norm", "attention", "use_onednn"]
+__all__ = ["fused_linear", "linear_chunks", "gelu_dwconv", "depthwise_conv", "layer_norm", "attention", "use_onednn"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # dtypes the oneDNN path runs in: bfloat16 where oneDNN has bf16 kernels for this CPU (AVX512-BF16/AMX,
@@ -93,6 +93,23 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False, scale
     if scale is not None:
         y = scale.to(y.dtype) * y  # the layer scale in the output's dtype (a float32 scale would widen it)
     return y if residual is None else residual + y
+
+
+def linear_chunks(x: torch.Tensor, layer: nn.Linear, chunks: int) -> list[torch.Tensor]:
+    """``layer(x).chunk(chunks, dim=-1)``, each chunk its own contiguous tensor where oneDNN computes
+    it (inference: one product per chunk of the weight's rows).
+
+    For MaSA's ``qkv``: contiguous q and k can be read in place by the column pass, whose
+    ``(B, w*heads, h, d)`` view of a chunk of the ``(.., 3C)`` output needs a copy (7% of rmt_s
+    float32 inference, batch 32). Training keeps the single product (three gave nothing there).
+    """
+    weight, bias = layer.weight, layer.bias
+    dtype = compute_dtype(x)
+    if _onednn_applies(x, weight, None, dtype):
+        x, weights = x.to(dtype), weight.to(dtype).chunk(chunks, 0)
+        biases = [None] * chunks if bias is None else bias.to(dtype).chunk(chunks, 0)
+        return [torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "none") for w, b in zip(weights, biases)]
+    return list(fused_linear(x, layer).chunk(chunks, dim=-1))
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, gelu: bool = False
