@@ -280,23 +280,31 @@ def test_rotation_applies_only_in_bfloat16():
     assert not kernels.rotation_applies(x.bfloat16(), cos)  # tables in another dtype
 
 
-# ------------------------------------------------------------------------- depthwise weight gradient
+# ------------------------------------------------------------------------- depthwise convolutions
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gelu", [False, True])
-@pytest.mark.parametrize("channels,size,k", [(16, (7, 9), 3), (32, (9, 6), 5), (48, (11, 8), 7), (64, (2, 3), 5)])
-def test_depthwise_weight_grad_matches_aten(built, dtype, gelu, channels, size, k):
+@pytest.mark.parametrize("channels,size,k,batch", [(16, (7, 9), 3, 3), (32, (9, 6), 5, 3), (48, (11, 8), 7, 3),
+                                                   (64, (2, 3), 5, 3), (256, (6, 5), 3, 1), (128, (5, 4), 3, 8)])
+def test_depthwise_kernels_match_aten(built, dtype, gelu, channels, size, k, batch):
+    """Forward and the one-sweep backward against ATen in float64: channel counts and batches that give
+    tasks of 1 to 8 blocks of 16 channels, images smaller than the kernel, kernels 3/5/7. Sums are
+    float32; only the stored outputs and input gradients are rounded to bfloat16."""
     torch.manual_seed(k)
-    x = torch.randn(3, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(3, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(channels, 1, k, k)
+    x = torch.randn(batch, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(batch, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(channels, 1, k, k) * 0.3, torch.randn(channels)
     assert kernels.depthwise_applies(x, weight, (k // 2, k // 2))
-    act = F.gelu(x.float()) if gelu else x.float()
-    grad_w, grad_b = kernels.depthwise_weight_grad(x, grad, k, gelu)
-    _, want_w, want_b = torch.ops.aten.convolution_backward(
-        grad.float(), act, weight, [channels], [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], channels,
-        [False, True, True])
-    torch.testing.assert_close(grad_w, want_w, atol=1e-4, rtol=1e-5)  # float32 sums in another order
-    torch.testing.assert_close(grad_b, want_b, atol=1e-4, rtol=1e-5)
+    inputs = [t.double().requires_grad_() for t in (x, weight, bias)]
+    expected = F.conv2d(F.gelu(inputs[0]) if gelu else inputs[0], inputs[1], inputs[2], padding=k // 2, groups=channels)
+    want_x, want_w, want_b = torch.autograd.grad(expected, inputs, grad.double())
+    out = kernels.depthwise_forward(x, weight, bias, gelu)
+    grad_x, grad_w, grad_b = kernels.depthwise_backward(x, grad, weight, gelu)
+    assert out.dtype == grad_x.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    rel = 1e-6 if dtype == torch.float32 else 2 ** -8  # bfloat16: one rounding of the stored value
+    for got, want in [(out, expected), (grad_x, want_x)]:
+        assert (got.double() - want).abs().max() <= rel * want.abs().max() + 1e-6
+    torch.testing.assert_close(grad_w.double(), want_w, atol=1e-4, rtol=1e-5)  # float32 sums in another order
+    torch.testing.assert_close(grad_b.double(), want_b, atol=1e-4, rtol=1e-5)
 
 
 def test_depthwise_applies_only_where_compiled():
@@ -337,8 +345,9 @@ def test_portable_build_without_avx512_matches_sdpa(monkeypatch):
                 assert (got.float() - want).abs().max() <= max(atol, BF16_GRAD_REL * want.abs().max())
         x = torch.randn(2, 32, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
         grad = torch.randn(2, 32, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(32, 1, 5, 5)
         _, want_w, _ = torch.ops.aten.convolution_backward(
-            grad.float(), F.gelu(x.float()), torch.randn(32, 1, 5, 5), None, [1, 1], [2, 2], [1, 1], False, [0, 0], 32,
+            grad.float(), F.gelu(x.float()), weight, None, [1, 1], [2, 2], [1, 1], False, [0, 0], 32,
             [False, True, False])
-        torch.testing.assert_close(kernels.depthwise_weight_grad(x, grad, 5, gelu=True)[0], want_w, atol=1e-4,
+        torch.testing.assert_close(kernels.depthwise_backward(x, grad, weight, gelu=True)[1], want_w, atol=1e-4,
                                    rtol=1e-5)

@@ -16,10 +16,11 @@ forward 3.5-5x faster at 14 tokens, 1.6-3x at 28, 2-3x at 56; forward and backwa
 With autograd; the backward pass recomputes the probabilities instead of storing them.
 
 ``rotate``: MaSA's rotation of bfloat16 q or k in one pass (float32 has its complex multiply), for
-passes the attention kernel does not take. ``depthwise_weight_grad``: the weight gradient of the
-depthwise convolutions (LePE's 5x5, the blocks' 3x3, the FFN's GELU + 3x3), which oneDNN computes
-5-25x slower than the convolution itself. ``layer_norm``: the blocks' layer norm in inference
-(ATen's runs at a third of the memory speed in bfloat16).
+passes the attention kernel does not take. ``depthwise_forward``/``depthwise_backward``: the
+depthwise convolutions of training (LePE's 5x5, the blocks' 3x3, the FFN's GELU + 3x3), GELU applied
+as the input is read; the backward sweep gives the input, weight and bias gradients at once (oneDNN
+computes the weight gradient 5-25x slower than the convolution itself). ``layer_norm``: the blocks'
+layer norm in inference (ATen's runs at a third of the memory speed in bfloat16).
 
 They are compiled with ``torch.utils.cpp_extension`` the first time they are needed. That takes
 about a minute, and the result is cached in ``~/.cache/torch_extensions`` (or
@@ -40,8 +41,8 @@ import torch
 from . import fast_path_allowed
 
 __all__ = ["short_attention", "short_attention_applies", "fused_rotation_applies", "rotate", "rotation_applies",
-           "depthwise_weight_grad", "depthwise_applies", "layer_norm", "layer_norm_applies", "use_cpu_kernels",
-           "MAX_SHORT_LENGTH"]
+           "depthwise_forward", "depthwise_backward", "depthwise_applies", "layer_norm", "layer_norm_applies",
+           "use_cpu_kernels", "MAX_SHORT_LENGTH"]
 
 _logger = logging.getLogger(__name__)
 MAX_SHORT_LENGTH = 64  # compiled lengths
@@ -197,7 +198,8 @@ class _Rotate(torch.autograd.Function):
 
 
 def depthwise_applies(x: torch.Tensor, weight: torch.Tensor, padding, dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether :func:`depthwise_weight_grad` takes the conv of NCHW ``x``
+    """Whether the compiled depthwise kernels (:func:`depthwise_forward`, :func:`depthwise_backward`)
+    take the conv of NCHW ``x``
     (computed in ``dtype``, by default ``x``'s) by ``weight`` ``(C, 1, K, K)``: on, plain eager
     float32/bfloat16 CPU tensors, channels-last ``x`` (unit stride in ``C``), ``C`` a multiple of 16,
     ``K`` of 3, 5 or 7 with ``padding`` ``K // 2`` (stride 1), and the kernel built."""
@@ -212,14 +214,23 @@ def depthwise_applies(x: torch.Tensor, weight: torch.Tensor, padding, dtype: Opt
     return _load() is not None
 
 
-def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int, gelu: bool = False) -> tuple:
-    """Weight ``(C, 1, K, K)`` and bias ``(C,)`` gradients, in float32, of the depthwise stride-1
-    ``conv2d(act(x), weight, padding=K // 2)`` (``act`` GELU with ``gelu``, else the identity) given
-    its output gradient ``grad`` (``x``'s shape and dtype). Check :func:`depthwise_applies` first."""
+def depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool = False
+                      ) -> torch.Tensor:
+    """The depthwise stride-1 ``conv2d(act(x), weight, bias, padding=K // 2)`` (``act`` GELU with
+    ``gelu``) of NCHW channels-last ``x``, in ``x``'s dtype with float32 sums; the activation is
+    computed once per input and never stored. Check :func:`depthwise_applies` first."""
+    return _module.depthwise_forward(x, weight, bias, gelu)
+
+
+def depthwise_backward(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, gelu: bool = False) -> tuple:
+    """Gradients of :func:`depthwise_forward` in one sweep over ``x`` and ``grad``: for ``x`` (GELU's
+    derivative included; ``x``'s dtype), and for the weight ``(C, 1, K, K)`` and bias ``(C,)`` in
+    float32. Check :func:`depthwise_applies` first."""
     if grad.stride(1) != 1:
         grad = grad.contiguous(memory_format=torch.channels_last)
-    sums = _module.depthwise_weight_grad(x, grad, kernel_size, gelu)  # (C, K*K + 1)
-    return sums[:, :-1].reshape(-1, 1, kernel_size, kernel_size), sums[:, -1]
+    grad_x, sums = _module.depthwise_backward(x, grad.to(x.dtype), weight, gelu)
+    k = weight.shape[-1]
+    return grad_x, sums[:, :-1].reshape(-1, 1, k, k), sums[:, -1]
 
 
 def layer_norm_applies(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:

@@ -1,7 +1,7 @@
 // RMT's compiled CPU kernels: softmax attention over many short sequences (length <= 64), the shape
-// of MaSA's decomposed passes; the rotation of queries and keys (rmt::rotate); and the weight
-// gradient of the depthwise convolutions (rmt::depthwise_weight_grad); the blocks' layer norm in
-// inference (rmt::layer_norm).
+// of MaSA's decomposed passes; the rotation of queries and keys (rmt::rotate); the depthwise
+// convolutions (of GELU), forward and backward (rmt::depthwise_forward, rmt::depthwise_backward); the
+// blocks' layer norm in inference (rmt::layer_norm).
 //
 // out[s, h, i, :] = sum_j softmax_j(scale * q[s, h, i, :] . k[s, h, j, :] + bias[0, h, i, j]) v[s, h, j, :]
 //
@@ -36,6 +36,7 @@
 #endif
 #endif
 #include <cstdlib>
+#include <vector>
 
 namespace rmt {
 
@@ -969,24 +970,39 @@ void rotate(const T* xp, const T* cp, const T* sp, T* op, float sign, int64_t B,
   });
 }
 
-// The weight gradient of depthwise, stride-1 convolutions with a K x K kernel and padding K/2 (MaSA's
-// LePE, the blocks' 3x3 convolutions, the FFN's GELU + 3x3) over channels-last tensors, 16 channels
-// per vector. oneDNN's weight gradient for these shapes is 5-25x slower than its forward pass
-// (bfloat16 5x5 worst; its forward pass is fine and is used). A task takes one image and 16 channels
-// and walks down the rows, keeping the K input rows it needs widened to float32 (and passed through
-// GELU, for conv(gelu(h))) in a ring of zero-padded rows: each input is converted once and the
-// inner loop has no bounds; the K*K sums stay in registers.
+// Depthwise, stride-1 convolutions with a K x K kernel and padding K/2 (MaSA's LePE, the blocks' 3x3
+// convolutions, the FFN's GELU + 3x3) over channels-last tensors: forward, and the input, weight and
+// bias gradients in one backward sweep. oneDNN's weight gradient for these shapes is 5-25x slower
+// than its forward pass, and a conv of gelu(h) would otherwise write gelu(h) (and its gradient) to
+// memory. A task takes one image and G blocks of 16 channels (G * 16 contiguous values per pixel,
+// read in order) and walks down the rows, keeping the K input rows it needs widened to float32 (and
+// passed through GELU, for conv(gelu(h))) in a ring of zero-padded rows: each input is converted
+// once, and the inner loops run over one block's columns with no bounds and the K*K taps (or sums)
+// in registers.
 struct Strides4 {
   int64_t b, h, w;
 };
 
-// The K input rows around output row y of one image and 16 channels: float32 (passed through GELU for
-// a conv of gelu(h)), zero-padded by K/2 on both sides; rows outside the image are zero.
+// Channel blocks per task: up to 8 (128 channels), fewer where that leaves too few tasks to share.
+inline int64_t channel_groups(int64_t B, int64_t blocks) {
+  int64_t G = 8;
+#ifdef RMT_STANDALONE
+  const int64_t threads = 1;
+#else
+  const int64_t threads = at::get_num_threads();
+#endif
+  while (G > 1 && (blocks % G != 0 || B * (blocks / G) < 4 * threads)) G /= 2;
+  return G;
+}
+
+// The K rows around output row y of one image and G channel blocks: float32 (passed through GELU for
+// a conv of gelu(h)), zero-padded by K/2 columns on both sides; rows outside the image are zero.
+// Element (x, g) of a padded row is at row[x * G + g], column x being input column x - K/2.
 template <typename T, int K, bool kGelu>
 class RowRing {
  public:
-  explicit RowRing(int64_t W)
-      : W_(W), Wp_(W + 2 * (K / 2)), data_(static_cast<vec16*>(std::aligned_alloc(64, K * Wp_ * 64))) {}
+  RowRing(int64_t W, int64_t G)
+      : W_(W), Wp_(W + 2 * (K / 2)), G_(G), data_(static_cast<vec16*>(std::aligned_alloc(64, K * Wp_ * G * 64))) {}
   ~RowRing() { std::free(data_); }
   RowRing(const RowRing&) = delete;
   RowRing& operator=(const RowRing&) = delete;
@@ -998,60 +1014,145 @@ class RowRing {
     constexpr int P = K / 2;
     for (int64_t yy = first_ ? y - P : y + P; yy <= y + P; ++yy) {
       vec16* row = slot(yy);
-      for (int i = 0; i < P; ++i) row[i] = row[Wp_ - P + i] = vec16{};
+      for (int64_t i = 0; i < P * G_; ++i) row[i] = row[(Wp_ - P) * G_ + i] = vec16{};
+      vec16* body = row + P * G_;
       if (yy < 0 || yy >= H) {
-        for (int64_t x = 0; x < W_; ++x) row[P + x] = vec16{};
+        for (int64_t i = 0; i < W_ * G_; ++i) body[i] = vec16{};
       } else {
         const T* line = src + yy * row_stride;
-        for (int64_t x = 0; x < W_; ++x) {
-          const vec16 value = load16(line + x * col_stride);
-          row[P + x] = kGelu ? gelu16(value) : value;
-        }
+        for (int64_t x = 0; x < W_; ++x)
+          for (int64_t g = 0; g < G_; ++g) {
+            const vec16 value = load16(line + x * col_stride + g * 16);
+            body[x * G_ + g] = kGelu ? gelu16(value) : value;
+          }
       }
     }
     first_ = false;
   }
-  // padded row for output row y and tap ky: element x + kx is input column x + kx - K/2
+  // padded row for output row y and tap ky
   const vec16* row(int64_t y, int ky) const { return slot(y + ky - K / 2); }
 
  private:
-  vec16* slot(int64_t yy) const { return data_ + ((yy + K) % K) * Wp_; }
-  int64_t W_, Wp_;
+  vec16* slot(int64_t yy) const { return data_ + ((yy + K) % K) * Wp_ * G_; }
+  int64_t W_, Wp_, G_;
   vec16* data_;
   bool first_ = true;
 };
 
-// Weight and bias gradients of out = conv2d(act(in), w, bias) (act = GELU with kGelu, else identity):
-//   dw[c, ky, kx] = sum_{b, y, x} g[b, y, x, c] act(in)[b, y + ky - K/2, x + kx - K/2, c]
-//   db[c]         = sum_{b, y, x} g[b, y, x, c]
-// partial: (B, K*K + 1, C) float32 sums per image (the bias gradient last), summed by the caller.
+// GELU'(x) = Phi(x) + x phi(x) in 16 lanes, with gelu16's erf
+inline vec16 gelu_grad16(vec16 x) {
+  const vec16 z = (x < 0.0f ? -x : x) * 0.70710678118654752f;
+  const vec16 t = 1.0f / (1.0f + 0.3275911f * z);
+  const vec16 poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const vec16 gauss = exp16v(-(z * z));  // exp(-x^2 / 2)
+  const vec16 erf_abs = 1.0f - poly * gauss;
+  return 0.5f * (1.0f + (x < 0.0f ? -erf_abs : erf_abs)) + x * gauss * 0.39894228040143268f;
+}
+
+// A row of G * 16 channels per column, computed block by block into `buffer` (x * G + g), stored in
+// column order: the stores run through memory in order, like the loads.
+template <typename T>
+inline void store_row_blocks(const vec16* buffer, T* out, int64_t W, int64_t G, int64_t col_stride) {
+  for (int64_t x = 0; x < W; ++x)
+    for (int64_t g = 0; g < G; ++g) store16(out + x * col_stride + g * 16, buffer[x * G + g]);
+}
+
+// out = conv2d(act(in), w) + bias. w: (K*K, C) float32 taps; bias: (C) float32 or null.
 template <typename T, int K, bool kGelu>
-void depthwise_weight_grad(const T* in, const T* g, float* partial, int64_t B, int64_t H, int64_t W, int64_t C,
-                           Strides4 is, Strides4 gs) {
-  const int64_t blocks = C / 16;
-  parallel_over(B * blocks, 1, [&](int64_t begin, int64_t end) {
-    RowRing<T, K, kGelu> ring(W);
+void depthwise_forward(const T* in, const float* w, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
+                       int64_t C, Strides4 is, Strides4 os) {
+  const int64_t G = channel_groups(B, C / 16), groups = C / 16 / G;
+  parallel_over(B * groups, 1, [&](int64_t begin, int64_t end) {
+    RowRing<T, K, kGelu> ring(W, G);
+    std::vector<vec16> buffer(W * G);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks, c0 = (item % blocks) * 16;
+      const int64_t b = item / groups, c0 = (item % groups) * G * 16;
       ring.reset();
-      vec16 acc[K][K] = {};
-      vec16 acc_bias = {};
       for (int64_t y = 0; y < H; ++y) {
         ring.advance(in + b * is.b + c0, y, H, is.h, is.w);
-        const vec16* rows[K];
-        for (int ky = 0; ky < K; ++ky) rows[ky] = ring.row(y, ky);
-        const T* grow = g + b * gs.b + y * gs.h + c0;
-        for (int64_t x = 0; x < W; ++x) {
-          const vec16 gv = load16(grow + x * gs.w);
-          acc_bias += gv;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t c = c0 + g * 16;
+          vec16 taps[K][K];
           for (int ky = 0; ky < K; ++ky)
-            for (int kx = 0; kx < K; ++kx) acc[ky][kx] += gv * rows[ky][x + kx];
+            for (int kx = 0; kx < K; ++kx) taps[ky][kx] = load16(w + (ky * K + kx) * C + c);
+          const vec16 shift = bias ? load16(bias + c) : vec16{};
+          const vec16* rows[K];
+          for (int ky = 0; ky < K; ++ky) rows[ky] = ring.row(y, ky) + g;
+          for (int64_t x = 0; x < W; ++x) {
+            vec16 acc = shift;
+            for (int ky = 0; ky < K; ++ky)
+              for (int kx = 0; kx < K; ++kx) acc += taps[ky][kx] * rows[ky][(x + kx) * G];
+            buffer[x * G + g] = acc;
+          }
         }
+        store_row_blocks(buffer.data(), out + b * os.b + y * os.h + c0, W, G, os.w);
+      }
+    }
+  });
+}
+
+// Gradients of out = conv2d(act(in), w) + bias given g (the output gradient), in one sweep:
+//   grad_in[y, x] = act'(in[y, x]) * sum_{ky, kx} w[K-1-ky, K-1-kx] g[y + ky - K/2, x + kx - K/2]
+//   dw[c, ky, kx] = sum_{y, x} g[y, x, c] act(in)[y + ky - K/2, x + kx - K/2, c],  db[c] = sum g[y, x, c]
+// with act(in) rows in one ring (for dw) and g rows in another (for grad_in); partial: (B, K*K + 1, C)
+// float32 sums per image (the bias's last), summed by the caller.
+template <typename T, int K, bool kGelu>
+void depthwise_backward(const T* in, const T* g, const float* w, T* grad_in, float* partial, int64_t B, int64_t H,
+                        int64_t W, int64_t C, Strides4 is, Strides4 gs, Strides4 os) {
+  const int64_t G = channel_groups(B, C / 16), groups = C / 16 / G;
+  parallel_over(B * groups, 1, [&](int64_t begin, int64_t end) {
+    RowRing<T, K, kGelu> act_ring(W, G);
+    RowRing<T, K, false> grad_ring(W, G);
+    std::vector<vec16> buffer(W * G);
+    std::vector<vec16> sums(G * (K * K + 1));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / groups, c0 = (item % groups) * G * 16;
+      std::fill(sums.begin(), sums.end(), vec16{});
+      act_ring.reset();
+      grad_ring.reset();
+      for (int64_t y = 0; y < H; ++y) {
+        act_ring.advance(in + b * is.b + c0, y, H, is.h, is.w);
+        grad_ring.advance(g + b * gs.b + c0, y, H, gs.h, gs.w);
+        const T* irow = in + b * is.b + y * is.h + c0;
+        for (int64_t gi = 0; gi < G; ++gi) {
+          const int64_t c = c0 + gi * 16;
+          const vec16* act_rows[K];
+          const vec16* grad_rows[K];
+          for (int ky = 0; ky < K; ++ky) {
+            act_rows[ky] = act_ring.row(y, ky) + gi;
+            grad_rows[ky] = grad_ring.row(y, ky) + gi;
+          }
+          const vec16* grad_y = grad_rows[K / 2] + (K / 2) * G;  // g[y, x] at grad_y[x * G]
+          vec16* held = sums.data() + gi * (K * K + 1);
+          vec16 acc[K][K];
+          for (int ky = 0; ky < K; ++ky)
+            for (int kx = 0; kx < K; ++kx) acc[ky][kx] = held[ky * K + kx];
+          vec16 acc_bias = held[K * K];
+          for (int64_t x = 0; x < W; ++x) {
+            const vec16 gv = grad_y[x * G];
+            acc_bias += gv;
+            for (int ky = 0; ky < K; ++ky)
+              for (int kx = 0; kx < K; ++kx) acc[ky][kx] += gv * act_rows[ky][(x + kx) * G];
+          }
+          for (int ky = 0; ky < K; ++ky)
+            for (int kx = 0; kx < K; ++kx) held[ky * K + kx] = acc[ky][kx];
+          held[K * K] = acc_bias;
+          vec16 flipped[K][K];
+          for (int ky = 0; ky < K; ++ky)
+            for (int kx = 0; kx < K; ++kx) flipped[ky][kx] = load16(w + ((K - 1 - ky) * K + (K - 1 - kx)) * C + c);
+          for (int64_t x = 0; x < W; ++x) {
+            vec16 sum = {};
+            for (int ky = 0; ky < K; ++ky)
+              for (int kx = 0; kx < K; ++kx) sum += flipped[ky][kx] * grad_rows[ky][(x + kx) * G];
+            if (kGelu) sum *= gelu_grad16(load16(irow + x * is.w + gi * 16));
+            buffer[x * G + gi] = sum;
+          }
+        }
+        store_row_blocks(buffer.data(), grad_in + b * os.b + y * os.h + c0, W, G, os.w);
       }
       float* out = partial + b * (K * K + 1) * C + c0;
-      for (int ky = 0; ky < K; ++ky)
-        for (int kx = 0; kx < K; ++kx) store16(out + (ky * K + kx) * C, acc[ky][kx]);
-      store16(out + K * K * C, acc_bias);
+      for (int64_t gi = 0; gi < G; ++gi)
+        for (int j = 0; j < K * K + 1; ++j) store16(out + j * C + gi * 16, sums[gi * (K * K + 1) + j]);
     }
   });
 }
@@ -1242,22 +1343,54 @@ bool with_kernel(const at::Tensor& input, int64_t K, bool gelu, const F& f) {
   return true;
 }
 
-// Weight and bias gradients of a depthwise stride-1 conv2d with padding K/2 of act(input) (see
-// rmt::depthwise_weight_grad; act = GELU when gelu): input, grad_out: (B, C, H, W) views with
-// channels-last memory (unit stride in C), float32 or bfloat16 alike, C a multiple of 16. Returns (C, K*K + 1) float32: the K*K weight gradients of each channel, then its
-// bias gradient; an empty tensor for a kernel size without a compiled case.
-at::Tensor depthwise_weight_grad(const at::Tensor& input, const at::Tensor& grad_out, int64_t kernel_size, bool gelu) {
+// taps: (C, 1, K, K) weights as the kernels read them, (K*K, C) float32
+at::Tensor depthwise_taps(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(2) == weight.size(3), "weight: (C, 1, K, K)");
+  return weight.to(at::kFloat).reshape({weight.size(0), -1}).t().contiguous();
+}
+
+// conv2d(act(input), weight, bias) (depthwise, stride 1, padding K/2; act = GELU when gelu) of a
+// (B, C, H, W) channels-last input (see rmt::depthwise_forward); bias: (C) or None. Returns a new
+// channels-last tensor like input; an undefined tensor for a kernel size without a compiled case.
+at::Tensor depthwise_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             bool gelu) {
+  check_depthwise(input, input, "input");
+  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = weight.size(-1);
+  TORCH_CHECK(weight.size(0) == C, "weight: one (1, K, K) kernel per channel");
+  const at::Tensor taps = depthwise_taps(weight);
+  at::Tensor shift;
+  if (bias.has_value() && bias->defined()) shift = bias->to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(input, at::MemoryFormat::ChannelsLast);
+  const rmt::Strides4 is{input.stride(0), input.stride(2), input.stride(3)};
+  const rmt::Strides4 os{out.stride(0), out.stride(2), out.stride(3)};
+  const bool compiled = with_kernel(input, K, gelu, [&]<typename T, int k, bool g>() {
+    rmt::depthwise_forward<T, k, g>(data<T>(input), taps.data_ptr<float>(),
+                                    shift.defined() ? shift.data_ptr<float>() : nullptr, mutable_data<T>(out), B, H, W,
+                                    C, is, os);
+  });
+  return compiled ? out : at::Tensor();
+}
+
+// Gradients of depthwise_forward given grad_out (input's shape and dtype, channels-last): returns
+// grad_input (like input) and the (C, K*K + 1) float32 sums of each channel (its K*K weight
+// gradients, then its bias gradient); undefined tensors for a kernel size without a compiled case.
+std::tuple<at::Tensor, at::Tensor> depthwise_backward(const at::Tensor& input, const at::Tensor& grad_out,
+                                                      const at::Tensor& weight, bool gelu) {
   check_depthwise(input, grad_out, "grad_out");
-  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t K = kernel_size;
+  const int64_t B = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = weight.size(-1);
+  TORCH_CHECK(weight.size(0) == C, "weight: one (1, K, K) kernel per channel");
+  const at::Tensor taps = depthwise_taps(weight);
+  at::Tensor grad_in = at::empty_like(input, at::MemoryFormat::ChannelsLast);
   at::Tensor partial = at::empty({B, K * K + 1, C}, input.options().dtype(at::kFloat));
   const rmt::Strides4 is{input.stride(0), input.stride(2), input.stride(3)};
   const rmt::Strides4 gs{grad_out.stride(0), grad_out.stride(2), grad_out.stride(3)};
+  const rmt::Strides4 os{grad_in.stride(0), grad_in.stride(2), grad_in.stride(3)};
   const bool compiled = with_kernel(input, K, gelu, [&]<typename T, int k, bool g>() {
-    rmt::depthwise_weight_grad<T, k, g>(data<T>(input), data<T>(grad_out), partial.data_ptr<float>(), B, H, W, C, is,
-                                        gs);
+    rmt::depthwise_backward<T, k, g>(data<T>(input), data<T>(grad_out), taps.data_ptr<float>(), mutable_data<T>(grad_in),
+                                     partial.data_ptr<float>(), B, H, W, C, is, gs, os);
   });
-  return compiled ? partial.sum(0).t().contiguous() : at::Tensor();
+  if (!compiled) return {at::Tensor(), at::Tensor()};
+  return {grad_in, partial.sum(0).t().contiguous()};
 }
 
 // Layer norm of (..., C) rows (see rmt::layer_norm): input contiguous, float32 or bfloat16, C a multiple
@@ -1286,8 +1419,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("fused_rotation") = false;
 #endif
   m.def("layer_norm", &layer_norm, "layer norm over the last dimension, for inference (CPU)");
-  m.def("depthwise_weight_grad", &depthwise_weight_grad,
-        "weight and bias gradients of a depthwise stride-1 conv2d (of GELU) over channels-last tensors (CPU)");
+  m.def("depthwise_forward", &depthwise_forward,
+        "depthwise stride-1 conv2d (of GELU) over channels-last tensors (CPU)");
+  m.def("depthwise_backward", &depthwise_backward,
+        "its input gradient and weight and bias sums, in one sweep (CPU)");
   m.def("rotate", &rotate, "MaSA's rotary shift of (B, P, N, D) tokens by (P, D) tables (CPU, float32 or bfloat16)");
   m.def("forward", &short_attention_forward, "softmax attention over short sequences (CPU, float32 or bfloat16)");
   m.def("backward", &short_attention_backward, "its gradients with respect to q, k and v");
