@@ -147,13 +147,28 @@ inline vec16 exp16v(vec16 x) {
   return p * scale;
 }
 
-// GELU (exact, erf form) in 16 lanes: erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7)
-inline vec16 gelu16(vec16 x) {
+// |erf(x / sqrt(2))| in 16 lanes by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7); `gauss`
+// gets exp(-x^2 / 2), which it computes on the way
+inline vec16 erf_abs16(vec16 x, vec16& gauss) {
   const vec16 z = (x < 0.0f ? -x : x) * 0.70710678118654752f;
   const vec16 t = 1.0f / (1.0f + 0.3275911f * z);
   const vec16 poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const vec16 erf_abs = 1.0f - poly * exp16v(-(z * z));
+  gauss = exp16v(-(z * z));
+  return 1.0f - poly * gauss;
+}
+
+// GELU (exact, erf form) in 16 lanes
+inline vec16 gelu16(vec16 x) {
+  vec16 gauss;
+  const vec16 erf_abs = erf_abs16(x, gauss);
   return 0.5f * x * (1.0f + (x < 0.0f ? -erf_abs : erf_abs));
+}
+
+// GELU'(x) = Phi(x) + x phi(x) in 16 lanes
+inline vec16 gelu_grad16(vec16 x) {
+  vec16 gauss;
+  const vec16 erf_abs = erf_abs16(x, gauss);
+  return 0.5f * (1.0f + (x < 0.0f ? -erf_abs : erf_abs)) + x * gauss * 0.39894228040143268f;
 }
 
 // out[0:D] = src[0:D] * sc in T (D a multiple of 16)
@@ -1038,16 +1053,6 @@ class RowRing {
   vec16* data_;
   bool first_ = true;
 };
-
-// GELU'(x) = Phi(x) + x phi(x) in 16 lanes, with gelu16's erf
-inline vec16 gelu_grad16(vec16 x) {
-  const vec16 z = (x < 0.0f ? -x : x) * 0.70710678118654752f;
-  const vec16 t = 1.0f / (1.0f + 0.3275911f * z);
-  const vec16 poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const vec16 gauss = exp16v(-(z * z));  // exp(-x^2 / 2)
-  const vec16 erf_abs = 1.0f - poly * gauss;
-  return 0.5f * (1.0f + (x < 0.0f ? -erf_abs : erf_abs)) + x * gauss * 0.39894228040143268f;
-}
 
 // A row of G * 16 channels per column, computed block by block into `buffer` (x * G + g), stored in
 // column order: the stores run through memory in order, like the loads.
