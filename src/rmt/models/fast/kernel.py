@@ -226,9 +226,8 @@ def depthwise_backward(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor
     """Gradients of :func:`depthwise_forward` in one sweep over ``x`` and ``grad``: for ``x`` (GELU's
     derivative included; ``x``'s dtype), and for the weight ``(C, 1, K, K)`` and bias ``(C,)`` in
     float32. Check :func:`depthwise_applies` first."""
-    if grad.stride(1) != 1:
-        grad = grad.contiguous(memory_format=torch.channels_last)
-    grad_x, sums = _module.depthwise_backward(x, grad.to(x.dtype), weight, gelu)
+    grad = grad.to(dtype=x.dtype, memory_format=torch.channels_last)  # one copy at most, none if already so
+    grad_x, sums = _module.depthwise_backward(x, grad, weight, gelu)
     k = weight.shape[-1]
     return grad_x, sums[:, :-1].reshape(-1, 1, k, k), sums[:, -1]
 
