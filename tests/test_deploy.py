@@ -16,7 +16,8 @@ from rmt.models.hub import save_hub_folder
 from rmt.models.masa import TokenConv
 from rmt.tools.benchmark import _OnnxRunner, benchmark, profile_onnx
 from rmt.tools.export import export_model, fold_for_export, freeze_masa_tables, load_exported
-from rmt.tools.quantize import OnnxRuntimeModel
+from rmt.models.fast.ops import fused_linear, linear_chunks
+from rmt.tools.quantize import OnnxRuntimeModel, quantize_linear_dynamic
 
 DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
                  "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "grayscale": True}
@@ -180,6 +181,38 @@ def test_onnxruntime_runner_and_profile(tiny, tmp_path):
     assert {"Attention", "RotaryEmbedding", "Gemm"} <= ops, ops  # MaSA's operators are timed as such
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     assert all(r["ms"] >= 0 and r["nodes"] >= 1 for r in rows)
+
+
+def test_pytorch_dynamic_int8(tiny):
+    """PyTorch's own int8 path: every linear layer becomes torch.ao's dynamic int8 Linear, which the
+    blocks' fused linear calls run through its own forward; the float model is left as it was."""
+    int8 = quantize_linear_dynamic(tiny)
+    assert not any(type(m) is torch.nn.Linear for m in int8.modules())
+    assert all(type(m) is torch.nn.Linear for m in (tiny.head, tiny.layers[0].blocks[0].retention.qkv))
+    layer = int8.layers[0].blocks[0].ffn.fc2
+    g = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(2, 4, 4, layer.in_features, generator=g), torch.randn(2, 4, 4, layer.out_features, generator=g)
+    scale = torch.rand(layer.out_features, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused_linear(x, layer, gelu=True, scale=scale, residual=residual),
+                                   residual + scale * torch.nn.functional.gelu(layer(x)), rtol=0, atol=0)
+        qkv = int8.layers[0].blocks[0].retention.qkv
+        x = torch.randn(2, 4, 4, qkv.in_features, generator=g)
+        assert all(torch.equal(a, b) for a, b in zip(linear_chunks(x, qkv, 3), qkv(x).chunk(3, -1)))
+        images = torch.randn(4, 3, 64, 64, generator=g)
+        expected, got = tiny(images), int8(images)
+    # int8 weights and activations: within 5% of the largest logit (measured 2.8%), same top-1
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_benchmark_eager_int8_backend():
+    rows = benchmark(["rmt_t"], batch_size=1, img_size=(32, 32), iters=1, warmup=0, memory=False,
+                     backends=("eager", "eager-int8"))
+    assert [(r.model, r.backend) for r in rows] == [("rmt_t", "eager"), ("rmt_t", "eager-int8")]
+    assert all(r.img_per_s > 0 for r in rows)
+    with pytest.raises(RMTError, match="eager-int8 times inference only"):
+        benchmark(["rmt_t"], backends=("eager-int8",), mode="train")
 
 
 def test_benchmark_backend_errors(capsys):

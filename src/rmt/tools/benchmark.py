@@ -23,6 +23,9 @@ Backends (``backends``; every model is timed in each, all interleaved in one loo
 * ``onnxruntime-int8``: that export statically quantized as ``rmt export --quantize int8`` does
   (:func:`rmt.tools.quantize.quantize_onnx`), calibrated here on random inputs, which sets the
   scales but not the work: the timing is that of a model calibrated on images.
+* ``eager-int8``: PyTorch's own int8 path, the eager model with its linear layers dynamically
+  quantized (:func:`rmt.tools.quantize.quantize_linear_dynamic`; activations quantized as they
+  arrive, so no calibration).
 
 ONNX Runtime runs with as many intra-op threads as torch uses. Its rows have no peak-memory figure
 (the tensors are not torch's), and ``parity`` is the float32 export's max abs difference to the
@@ -55,7 +58,7 @@ __all__ = ["BenchResult", "benchmark", "build_model", "PeakMemory", "DEFAULT_PEE
 
 DEFAULT_PEERS = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 MODES = ("infer", "features", "train")
-BACKENDS = ("eager", "onnxruntime", "onnxruntime-int8")
+BACKENDS = ("eager", "eager-int8", "onnxruntime", "onnxruntime-int8")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -139,8 +142,9 @@ def build_model(spec: str, img_size: Tuple[int, int], num_classes: int = 1000) -
 
 class _Runner:
     def __init__(self, name: str, model: nn.Module, mode: str, batch: int, size: Tuple[int, int],
-                 device: torch.device, compile_model: bool, channels_last: bool, amp: Optional[str]):
-        self.name, self.mode = name, mode
+                 device: torch.device, compile_model: bool, channels_last: bool, amp: Optional[str],
+                 backend: str = "eager"):
+        self.name, self.mode, self.backend = name, mode, backend
         self.autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp
                          else torch.autocast(device.type, enabled=False))
         self.model = model.to(device)
@@ -279,13 +283,14 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise RMTError(f"backend must be among {', '.join(BACKENDS)}, got {', '.join(unknown) or 'none'}")
-    onnx_backends = [b for b in backends if b != "eager"]
-    if onnx_backends:
+    deployed = [b for b in backends if b != "eager"]
+    if deployed:
         if mode != "infer":
-            raise RMTError(f"{onnx_backends[0]} times inference only: use --mode infer")
+            raise RMTError(f"{deployed[0]} times inference only: use --mode infer")
         if amp or compile_model or channels_last or device != "cpu":
             raise RMTError("--amp, --compile, --channels-last and --device are for the eager backend; "
-                           "ONNX Runtime runs float32 or int8 on the CPU")
+                           f"{', '.join(deployed)} run float32 or int8 on the CPU")
+    if any(b.startswith("onnxruntime") for b in backends):
         from .quantize import _onnxruntime
 
         _onnxruntime()  # a one-line error when it is missing
@@ -312,6 +317,11 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
                 if backend == "eager":
                     runners.append(_Runner(name, model, mode, batch_size, img_size, torch_device, compile_model,
                                            channels_last, amp))
+                elif backend == "eager-int8":
+                    from .quantize import quantize_linear_dynamic
+
+                    runners.append(_Runner(name, quantize_linear_dynamic(model), mode, batch_size, img_size,
+                                           torch_device, False, False, None, backend))
                 else:
                     runners.append(_OnnxRunner(name, model, backend, batch_size, img_size, workdir))
         for runner in runners:
@@ -327,7 +337,7 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
         for runner, runner_times in zip(runners, times):
             median = statistics.median(runner_times)
             peak = runner.peak_mb() if memory and isinstance(runner, _Runner) else None
-            backend = getattr(runner, "backend", "eager")
+            backend = runner.backend
             results.append(BenchResult(runner.name, mode, batch_size, tuple(img_size), batch_size / median * 1000,
                                        median, peak, amp, runner_times, backend, getattr(runner, "parity", None),
                                        str(runner.path) if hasattr(runner, "path") else None))

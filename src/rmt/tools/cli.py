@@ -99,7 +99,7 @@ def _cmd_benchmark(args) -> int:
             raise RMTError("--threads must be positive")
         torch.set_num_threads(args.threads)
     backends = list(dict.fromkeys(args.backend))
-    if args.profile and backends == ["eager"]:
+    if args.profile and not any(b.startswith("onnxruntime") for b in backends):
         raise RMTError("--profile shows ONNX Runtime's operators: add --backend onnxruntime (or onnxruntime-int8)")
     models = list(args.models)
     if not args.no_peers:
@@ -127,7 +127,7 @@ def _cmd_benchmark(args) -> int:
                 rows.append(row)
             if args.profile:
                 for r in results:
-                    if r.backend != "eager":
+                    if r.backend.startswith("onnxruntime"):
                         profiles[f"{r.model} [{r.backend}]"] = profile_onnx(r.export_path, args.batch_size,
                                                                              tuple(args.img_size))
     if args.json:
@@ -161,7 +161,8 @@ def _add_benchmark(sub) -> None:
                                    "with its straightforward reference implementation, swin_tiny and "
                                    "convnext_tiny. With --backend onnxruntime / onnxruntime-int8, every model is "
                                    "also exported (fixed shape) and timed in ONNX Runtime, float32 or statically "
-                                   "quantized int8, in the same interleaved loop.")
+                                   "quantized int8, in the same interleaved loop; eager-int8 is PyTorch's own "
+                                   "int8 path (dynamically quantized linear layers).")
     p.add_argument("models", nargs="+", help="rmt_s, reference:rmt_s, or timm model names")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"))
@@ -170,13 +171,14 @@ def _add_benchmark(sub) -> None:
                         "backward and AdamW step; both: infer and train (default: infer)")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=["eager"], metavar="BACKEND",
                    help=f"where each model runs, one row per backend: {', '.join(BACKENDS)} (default: eager); "
-                        "e.g. --backend eager onnxruntime onnxruntime-int8")
+                        "e.g. --backend eager eager-int8 onnxruntime onnxruntime-int8")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast the forward (default: float32)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--iters", type=positive_int, default=5, help="timed rounds")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per model first")
     p.add_argument("--peers", nargs="*", default=None,
-                   help="models to compare with (default: reference + timm; timm only with ONNX Runtime backends)")
+                   help="models to compare with (default: reference + timm; timm only with the int8 and ONNX Runtime "
+                        "backends)")
     p.add_argument("--no-peers", action="store_true", help="time only the given models")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")

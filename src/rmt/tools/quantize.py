@@ -47,7 +47,7 @@ from ..files import atomic_copy
 from ..training.distributed import DistInfo
 
 __all__ = ["QuantizationReport", "OnnxRuntimeModel", "quantize_onnx", "quantize_export", "run_datasets",
-           "onnx_session"]
+           "onnx_session", "quantize_linear_dynamic"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,6 +74,26 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, profile_pr
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def quantize_linear_dynamic(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` as PyTorch's dynamically quantized int8 Linear
+    (``torch.ao.quantization.quantize_dynamic``: int8 per-tensor weights, activations quantized per
+    batch as they arrive; the convolutions, attention and norms stay float32). PyTorch's own int8
+    path, for comparison with ONNX Runtime's (``rmt benchmark --backend eager-int8``): RMT's blocks
+    run such layers through their own forward (:func:`rmt.models.fast.ops.fused_linear`)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.ao.quantization import quantize_dynamic
+    except ImportError as e:  # a future PyTorch without torch.ao's eager quantization
+        raise RMTError(f"this PyTorch ({torch.__version__}) has no torch.ao.quantization.quantize_dynamic") from e
+    with warnings.catch_warnings():  # torch.ao's eager quantization is flagged deprecated (still there in 2.14)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
 
 
 class OnnxRuntimeModel(nn.Module):

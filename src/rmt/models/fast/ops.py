@@ -76,8 +76,11 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False, scale
 
     ``scale`` broadcasts over the output channels (layer scale); ``residual`` has the output's shape.
     The result is in the compute dtype (autocast's, or ``x``'s without autocast), or in the
-    residual's where that is wider.
+    residual's where that is wider. A quantized ``layer`` (``torch.ao.quantization.quantize_dynamic``'s
+    int8 Linear, whose ``weight`` is a method) runs its own forward, with the rest in plain ops.
     """
+    if not isinstance(layer.weight, torch.Tensor):  # a quantized module (torch.ao's dynamic int8 Linear)
+        return _epilogue(layer(x), gelu, scale, residual)
     weight, bias = layer.weight, layer.bias
     dtype = compute_dtype(x)
     if _onednn_applies(x, weight, residual, dtype) and not (gelu and residual is not None):
@@ -90,7 +93,12 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False, scale
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
-    y = F.linear(x, weight, bias)
+    return _epilogue(F.linear(x, weight, bias), gelu, scale, residual)
+
+
+def _epilogue(y: torch.Tensor, gelu: bool, scale: Optional[torch.Tensor], residual: Optional[torch.Tensor]
+              ) -> torch.Tensor:
+    """``residual + scale * act(y)`` in plain ops."""
     if gelu:
         y = F.gelu(y)
     if scale is not None:
@@ -108,7 +116,7 @@ def linear_chunks(x: torch.Tensor, layer: nn.Linear, chunks: int) -> list[torch.
     """
     weight, bias = layer.weight, layer.bias
     dtype = compute_dtype(x)
-    if _onednn_applies(x, weight, None, dtype):
+    if isinstance(weight, torch.Tensor) and _onednn_applies(x, weight, None, dtype):
         x, weights = x.to(dtype), weight.to(dtype).chunk(chunks, 0)
         biases = [None] * chunks if bias is None else bias.to(dtype).chunk(chunks, 0)
         return [torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "none") for w, b in zip(weights, biases)]
