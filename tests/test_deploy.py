@@ -12,11 +12,11 @@ from rmt.classification.evaluate import evaluate
 from rmt.cli import main
 from rmt.data import DigitsDataset, collate_skip_bad
 from rmt.errors import RMTError
+from rmt.models.fast.ops import fused_linear, linear_chunks
 from rmt.models.hub import save_hub_folder
 from rmt.models.masa import TokenConv
 from rmt.tools.benchmark import _OnnxRunner, benchmark, profile_onnx
 from rmt.tools.export import export_model, fold_for_export, freeze_masa_tables, load_exported
-from rmt.models.fast.ops import fused_linear, linear_chunks
 from rmt.tools.quantize import OnnxRuntimeModel, quantize_linear_dynamic
 
 DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
@@ -191,7 +191,8 @@ def test_pytorch_dynamic_int8(tiny):
     assert all(type(m) is torch.nn.Linear for m in (tiny.head, tiny.layers[0].blocks[0].retention.qkv))
     layer = int8.layers[0].blocks[0].ffn.fc2
     g = torch.Generator().manual_seed(0)
-    x, residual = torch.randn(2, 4, 4, layer.in_features, generator=g), torch.randn(2, 4, 4, layer.out_features, generator=g)
+    x = torch.randn(2, 4, 4, layer.in_features, generator=g)
+    residual = torch.randn(2, 4, 4, layer.out_features, generator=g)
     scale = torch.rand(layer.out_features, generator=g)
     with torch.inference_mode():
         torch.testing.assert_close(fused_linear(x, layer, gelu=True, scale=scale, residual=residual),
