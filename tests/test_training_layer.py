@@ -17,6 +17,7 @@ from rmt.segmentation.config import SegConfig
 from rmt.training import distributed, load_config
 from rmt.training.checkpoint import Progress, RunCheckpoint, read_run_checkpoint
 from rmt.training.config import bundled_configs, resolve_config
+from rmt.training.optim import create_optimizer
 from rmt.training.precision import amp_dtype, configure_float32, describe_precision
 from rmt.training.run import RoundSpec, TrainingRun
 
@@ -134,6 +135,34 @@ def test_a_non_finite_loss_is_found_at_the_check_and_named(tmp_path):
             run.backward(model(torch.randn(1, 4)).sum() * value)
         with pytest.raises(NonFiniteLossError, match="not finite at epoch 1, step 2;"):
             run._check_finite()
+
+
+def test_optimizer_is_fused_where_pytorch_has_the_kernel():
+    """Adam/AdamW come fused (one kernel over every tensor, not a loop per tensor) on CPU and CUDA, with
+    timm's parameter groups kept; the update is AdamW's to float rounding. Others come as timm builds them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    fused = create_optimizer(model, "adamw", torch.device("cpu"), lr=0.1, weight_decay=0.05)
+    assert isinstance(fused, torch.optim.AdamW) and all(g["fused"] for g in fused.param_groups)
+    # timm's groups: no weight decay on biases and norms
+    assert sorted(g["weight_decay"] for g in fused.param_groups) == [0.0, 0.05]
+    plain = torch.optim.AdamW([{"params": [r for r, p in zip(reference, model.parameters()) if id(p) in ids],
+                                "weight_decay": g["weight_decay"]}
+                               for g in fused.param_groups for ids in [{id(p) for p in g["params"]}]], lr=0.1)
+    assert not any(g["fused"] for g in plain.param_groups)
+    for _ in range(3):
+        x = torch.randn(5, 4)
+        for params, optimizer in ((list(model.parameters()), fused), (reference, plain)):
+            optimizer.zero_grad()
+            y = torch.nn.functional.linear(x, params[0], params[1])
+            y = torch.nn.functional.layer_norm(y, (8,), params[2], params[3])
+            torch.nn.functional.linear(y, params[4], params[5]).square().sum().backward()
+            optimizer.step()
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    assert not create_optimizer(model, "sgd", torch.device("cpu"), lr=0.1).defaults.get("fused")
+    assert not create_optimizer(model, "adamw", torch.device("meta"), lr=0.1).defaults.get("fused")
 
 
 # ------------------------------------------------------------------------------- configs

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
@@ -22,6 +21,7 @@ from ..data import collate_skip_bad
 from ..models.factory import create_model
 from ..models.hub import save_hub_folder
 from ..models.weights import load_matching_weights, read_state_dict
+from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from .config import ClassificationConfig
 from .data import build_datasets
@@ -66,8 +66,8 @@ def train(cfg: ClassificationConfig) -> RunResult:
 
         global_batch = cfg.batch_size * cfg.accum_steps * run.info.world_size
         lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / cfg.lr_base_size
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
-                                        momentum=cfg.momentum, eps=cfg.opt_eps)
+        optimizer = create_optimizer(model, cfg.opt, run.device, lr=lr, weight_decay=cfg.weight_decay,
+                                     momentum=cfg.momentum, eps=cfg.opt_eps)
         workers = 0 if data.name == "digits" else cfg.workers
         loader = run.train_loader(data.train, collate_skip_bad, workers, repeats=3 if cfg.repeated_aug else 1)
         val_loader = eval_loader(data.val, cfg.eval_batch_size or 2 * cfg.batch_size, workers, run.info,

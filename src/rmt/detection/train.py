@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
-from timm.optim import create_optimizer_v2
 from torch.utils.data import Dataset
 
 from ..data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
 from ..data.shapes import SPLITS, ensure_shapes
+from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule
 from .config import DetConfig
@@ -60,7 +60,7 @@ def train(cfg: DetConfig) -> RunResult:
                                **detector_kwargs(cfg))
         # e.g. the mask head is unused when a batch has no positive RoI
         model, ddp = run.prepare_model(model, find_unused_parameters=True)
-        optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = create_optimizer(model, "adamw", run.device, lr=cfg.lr, weight_decay=cfg.weight_decay)
         workers = 0 if cfg.data is None else cfg.workers
         loader = run.train_loader(data.train, collate_detection, workers)
         updates_per_epoch = -(-len(loader) // cfg.accum_steps)

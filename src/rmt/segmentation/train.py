@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from timm.optim import create_optimizer_v2
 from torch.utils.data import Dataset
 
 from ..data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_segmentation
 from ..data.shapes import SPLITS, ensure_shapes
 from ..errors import RMTError
+from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule
 from .config import SegConfig
@@ -70,7 +70,7 @@ def train(cfg: SegConfig) -> RunResult:
         model = build_segmentor(arch, num_classes=len(data.class_names), backbone_weights=cfg.backbone_weights,
                                 **kwargs)
         model, ddp = run.prepare_model(model)
-        optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = create_optimizer(model, "adamw", run.device, lr=cfg.lr, weight_decay=cfg.weight_decay)
         floor = cfg.min_lr / cfg.lr
         scheduler = warmup_schedule(
             optimizer, lambda update: (1 - floor) * (1 - update / cfg.max_iters) ** cfg.poly_power + floor,
