@@ -54,11 +54,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import RMTError
 
-__all__ = ["BenchResult", "benchmark", "build_model", "PeakMemory", "DEFAULT_PEERS", "BACKENDS", "profile_onnx"]
+__all__ = ["BenchResult", "benchmark", "build_model", "PeakMemory", "DEFAULT_PEERS", "BACKENDS", "ONNX_BACKENDS",
+           "profile_onnx"]
 
 DEFAULT_PEERS = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 MODES = ("infer", "features", "train")
-BACKENDS = ("eager", "eager-int8", "onnxruntime", "onnxruntime-int8")
+ONNX_BACKENDS = ("onnxruntime", "onnxruntime-int8")
+BACKENDS = ("eager", "eager-int8") + ONNX_BACKENDS
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -283,14 +285,14 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise RMTError(f"backend must be among {', '.join(BACKENDS)}, got {', '.join(unknown) or 'none'}")
-    deployed = [b for b in backends if b != "eager"]
-    if deployed:
+    inference_only = [b for b in backends if b != "eager"]
+    if inference_only:
         if mode != "infer":
-            raise RMTError(f"{deployed[0]} times inference only: use --mode infer")
+            raise RMTError(f"{inference_only[0]} times inference only: use --mode infer")
         if amp or compile_model or channels_last or device != "cpu":
             raise RMTError("--amp, --compile, --channels-last and --device are for the eager backend; "
-                           f"{', '.join(deployed)} run float32 or int8 on the CPU")
-    if any(b.startswith("onnxruntime") for b in backends):
+                           f"{', '.join(inference_only)} run float32 or int8 on the CPU")
+    if any(b in ONNX_BACKENDS for b in backends):
         from .quantize import _onnxruntime
 
         _onnxruntime()  # a one-line error when it is missing
@@ -321,7 +323,8 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
                     from .quantize import quantize_linear_dynamic
 
                     runners.append(_Runner(name, quantize_linear_dynamic(model), mode, batch_size, img_size,
-                                           torch_device, False, False, None, backend))
+                                           torch_device, compile_model=False, channels_last=False, amp=None,
+                                           backend=backend))
                 else:
                     runners.append(_OnnxRunner(name, model, backend, batch_size, img_size, workdir))
         for runner in runners:

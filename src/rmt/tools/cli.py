@@ -15,7 +15,7 @@ from ..cliutils import format_table, non_negative_int, positive_float, positive_
 from ..errors import RMTError
 from ..models.factory import convert_checkpoint
 from ..runtime import keep_freed_memory
-from .benchmark import BACKENDS, DEFAULT_PEERS, benchmark, profile_onnx
+from .benchmark import BACKENDS, DEFAULT_PEERS, ONNX_BACKENDS, benchmark, profile_onnx
 from .export import FORMATS, QUANTIZE, export_model
 from .flops import model_facts, variants_table
 from .visualize import visualize_attention, visualize_decay
@@ -99,7 +99,7 @@ def _cmd_benchmark(args) -> int:
             raise RMTError("--threads must be positive")
         torch.set_num_threads(args.threads)
     backends = list(dict.fromkeys(args.backend))
-    if args.profile and not any(b.startswith("onnxruntime") for b in backends):
+    if args.profile and not any(b in ONNX_BACKENDS for b in backends):
         raise RMTError("--profile shows ONNX Runtime's operators: add --backend onnxruntime (or onnxruntime-int8)")
     models = list(args.models)
     if not args.no_peers:
@@ -127,7 +127,7 @@ def _cmd_benchmark(args) -> int:
                 rows.append(row)
             if args.profile:
                 for r in results:
-                    if r.backend.startswith("onnxruntime"):
+                    if r.backend in ONNX_BACKENDS:
                         profiles[f"{r.model} [{r.backend}]"] = profile_onnx(r.export_path, args.batch_size,
                                                                              tuple(args.img_size))
     if args.json:

@@ -84,15 +84,13 @@ def quantize_linear_dynamic(model: nn.Module) -> nn.Module:
     run such layers through their own forward (:func:`rmt.models.fast.ops.fused_linear`)."""
     import warnings
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torch.ao.quantization import quantize_dynamic
-    except ImportError as e:  # a future PyTorch without torch.ao's eager quantization
-        raise RMTError(f"this PyTorch ({torch.__version__}) has no torch.ao.quantization.quantize_dynamic") from e
     with warnings.catch_warnings():  # torch.ao's eager quantization is flagged deprecated (still there in 2.14)
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError as e:  # a future PyTorch without it
+            raise RMTError(f"this PyTorch ({torch.__version__}) has no torch.ao.quantization.quantize_dynamic") from e
         return quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
 
 
