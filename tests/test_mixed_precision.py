@@ -275,3 +275,31 @@ def test_cuda_autocast_logits_close_to_float32(dtype):
             out = model(x)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert (out.float() - expected).abs().max() <= GOLDEN_BF16_REL * expected.abs().max()
+
+
+# ------------------------------------------------------------------- oneDNN's one-column bf16 bug
+def test_strided_conv_with_one_output_column_in_bf16():
+    """oneDNN's bfloat16 CPU convolution returns garbage (NaN, or 1e36) for a strided convolution with a
+    single output column (PyTorch 2.14, output height >= 5): RMT's downsampling runs those in float32.
+    A narrow image (33x8: stage 1 is 9x2 tokens, downsampled to 5x1) used to give NaN logits."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, 2, 1).bfloat16()
+    x = torch.randn(2, 32, 9, 2).bfloat16()
+    expected = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), 2, 1)
+    with torch.no_grad():
+        torch.full((1 << 17,), float("nan"), dtype=torch.bfloat16)  # freed memory the buggy kernel would read
+        got = ops.strided_conv(conv, x)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+    model = RMT(**TINY_ARGS).eval()
+    images = torch.randn(8, 3, 33, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(images)
+        narrow = [model.to(torch.bfloat16)(images.bfloat16()).float()]
+        model.float()
+        with torch.autocast("cpu", torch.bfloat16):
+            narrow.append(model(images).float())
+    for logits in narrow:
+        assert torch.isfinite(logits).all()
+        assert (logits - reference).abs().max() <= 0.1 * reference.abs().max()

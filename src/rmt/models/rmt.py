@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fast.ops import fused_linear, layer_norm
+from .fast.ops import fused_linear, layer_norm, strided_conv
 from .masa import MaSA, MaSATables, RelPos2d, TokenConv, _plain_ops_only, _scale_add
 from .weights import (
     CheckpointError,
@@ -130,7 +130,14 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors
+            return self.norm(self.reduction(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        return self._forward_checked(x)
+
+    @torch.jit.unused
+    def _forward_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward`, stepping around oneDNN's bfloat16 bug on one-column outputs (:func:`strided_conv`)."""
+        return self.norm(strided_conv(self.reduction, x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
 
 class RMTStage(nn.Module):

@@ -36,7 +36,8 @@ from torch import nn
 
 from . import compute_dtype, fast_path_allowed, kernel
 
-__all__ = ["fused_linear", "linear_chunks", "gelu_dwconv", "depthwise_conv", "layer_norm", "attention", "use_onednn"]
+__all__ = ["fused_linear", "linear_chunks", "gelu_dwconv", "depthwise_conv", "strided_conv", "layer_norm", "attention",
+           "use_onednn"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # dtypes the oneDNN path runs in: bfloat16 where oneDNN has bf16 kernels for this CPU (AVX512-BF16/AMX,
@@ -231,6 +232,23 @@ def gelu_dwconv(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return _GeluDWConv.apply(h.to(dtype), weight, bias, tuple(padding))
     return F.conv2d(F.gelu(h), weight.to(h.dtype), None if bias is None else bias.to(h.dtype), padding=padding,
                     groups=weight.shape[0])
+
+
+def strided_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a strided convolution, except where oneDNN's bfloat16 CPU kernel returns garbage:
+    with a single output column (measured with PyTorch 2.14: NaN for stride 2, output width 1 and
+    output height >= 5, in any memory layout; a single output row is fine) it runs in float32 and the
+    result is cast back to bfloat16. Such maps come from narrow images (RMT's last downsampling of an
+    image under ~32 px wide)."""
+    if compute_dtype(x) != torch.bfloat16 or x.device.type != "cpu" or conv.stride == (1, 1):
+        return conv(x)
+    width = (x.shape[-1] + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+    if width != 1:
+        return conv(x)
+    with torch.autocast("cpu", enabled=False):
+        bias = None if conv.bias is None else conv.bias.float()
+        y = F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return y.to(torch.bfloat16)
 
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
