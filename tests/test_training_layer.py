@@ -70,14 +70,23 @@ def test_data_parallel_leaves_masa_constants_alone():
 
 
 # ------------------------------------------------------------------------------- precision
-def test_amp_choice_and_tf32(monkeypatch):
+@pytest.fixture
+def tf32_settings():
+    """Saves and restores the TF32 switches by plain assignment. torch serves them through its backend
+    modules' __getattr__/__setattr__, so pytest >= 9.2's monkeypatch finds no instance attribute to restore
+    and tries to delete one at teardown, which fails."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_amp_choice_and_tf32(tf32_settings):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert amp_dtype("auto", cpu) is None and amp_dtype("auto", cuda) is torch.bfloat16
     assert amp_dtype("bf16", cpu) is torch.bfloat16
     with pytest.raises(RMTError, match="fp16 autocast needs CUDA"):
         amp_dtype("fp16", cpu)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     configure_float32(cpu, None)
     assert not torch.backends.cuda.matmul.allow_tf32  # nothing changes for the CPU
     configure_float32(cuda, torch.bfloat16)
