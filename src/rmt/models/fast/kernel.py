@@ -24,14 +24,18 @@ layer norm in inference (ATen's runs at a third of the memory speed in bfloat16)
 
 They are compiled with ``torch.utils.cpp_extension`` the first time they are needed. That takes
 about a minute, and the result is cached in ``~/.cache/torch_extensions`` (or
-``$TORCH_EXTENSIONS_DIR``) for later runs. It needs a C++ compiler and ninja. If the build fails,
+``$TORCH_EXTENSIONS_DIR``) for later runs, under a name that digests the flags and the CPU target
+``-march=native`` resolves to (:func:`build_name`), so a cache shared by different CPUs keeps one build each.
+It needs a C++ compiler and ninja. If the build fails,
 MaSA logs one warning and keeps using the PyTorch kernels. ``RMT_CPU_KERNELS=0`` (or
 :func:`use_cpu_kernels`) switches the kernels off.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,6 +54,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # The portable per-sequence kernel in float32: the flash kernel is as fast from 33 tokens on (measured)
 _PORTABLE_FLOAT32_LENGTH = 32
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 _enabled = os.environ.get("RMT_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 _module = None
 _failed = False
@@ -61,6 +66,33 @@ def use_cpu_kernels(enabled: bool) -> None:
     _enabled = enabled
 
 
+def native_target(compiler: Optional[str] = None) -> str:
+    """What ``-march=native`` compiles for on this machine, as the compiler resolves it: the CPU model and
+    every instruction-set switch (``-march=znver3 -mavx512f ... -mno-amx-tile ...``), from the command line
+    that ``c++ -march=native -v`` hands to its compiler proper (gcc's cc1plus, clang's -cc1)."""
+    compiler = compiler or os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension runs
+    proc = subprocess.run([compiler, "-march=native", "-E", "-v", "-x", "c++", "-"], input="", capture_output=True,
+                          text=True, timeout=120)
+    proper = [line.split() for line in proc.stderr.splitlines() if "cc1" in line and "-march=native" not in line]
+    if proc.returncode != 0 or not proper:
+        raise RuntimeError(f"{compiler} -march=native: {proc.stderr.strip()[-200:] or 'no compiler command line'}")
+    words, target = proper[-1], []
+    for i, word in enumerate(words):
+        if word.startswith("-m") or word in ("--param", "-target-cpu", "-target-feature"):
+            target.append(word)
+        elif i and words[i - 1] in ("--param", "-target-cpu", "-target-feature"):
+            target.append(word)
+    return " ".join(target)
+
+
+def build_name(cflags, target: str) -> str:
+    """The name the kernels are built and cached under: a digest of the flags and the resolved target, so
+    that a cache shared between machines (a home directory on NFS) never hands one CPU a binary built with
+    instructions it lacks; two CPUs that resolve ``-march=native`` alike share one build."""
+    digest = hashlib.sha256("\0".join([*cflags, target]).encode()).hexdigest()[:16]
+    return f"rmt_cpu_kernels_{digest}"
+
+
 def _load():
     global _module, _failed
     if _module is None and not _failed:
@@ -69,11 +101,9 @@ def _load():
         try:
             from torch.utils.cpp_extension import load
 
-            capability = torch.backends.cpu.get_cpu_capability().lower()  # -march=native: one build per ISA
             start = time.perf_counter()
-            _module = load(name=f"rmt_cpu_kernels_{capability}", sources=[str(_SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+            _module = load(name=build_name(_CFLAGS, native_target()), sources=[str(_SOURCE)],
+                           extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"], verbose=False)
             seconds = time.perf_counter() - start
             if seconds > 2:  # it was compiled now, not loaded from the cache
                 _logger.info("compiled the CPU kernels in %.0f s (cached for later runs)", seconds)
