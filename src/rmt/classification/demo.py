@@ -65,8 +65,9 @@ MAX_FILE_BYTES = 50 * 2 ** 20
 """The largest upload the page reads (50 MiB)."""
 MAX_PIXELS = 40_000_000
 """The most pixels an uploaded image may have (40 megapixels)."""
-DISPLAY_SIZE = 320
-"""The longer side, in pixels, of the clickable picture on the page."""
+DISPLAY_SIZE = 512
+"""The longer side, in pixels, of the clickable picture (the page shows it smaller: Gradio maps a click to
+the picture's pixels correctly only for a picture shown at its size or below)."""
 TOPK = 5
 EXAMPLE_DIGITS = (0, 3, 5, 7, 8)  # classes of the digit examples (the first test image of each)
 _EXAMPLES_VERSION = 1
@@ -320,7 +321,7 @@ def build_page(demo: Demo, examples: list[Path] | None = None):
                                  height=150, allow_preview=False, interactive=False, scale=2, elem_id="rmt-examples")
         with gr.Row():
             picture = gr.Image(label="The model's input: click a point", interactive=False, type="pil", format="png",
-                               height=DISPLAY_SIZE + 40, scale=1, elem_id="rmt-picture")
+                               height=360, scale=1, elem_id="rmt-picture")
             with gr.Column(scale=2):
                 message = gr.Markdown(elem_id="rmt-message")
                 top = gr.Label(num_top_classes=demo.topk, label="Top classes", elem_id="rmt-top")
