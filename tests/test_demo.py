@@ -1,6 +1,7 @@
 """`rmt demo`: the page's functions without a browser (the examples, reading uploads, the top-5 and
 the maps of a clicked point, the command's errors). tests/test_demo_browser.py drives the page itself."""
 import io
+import socket
 
 import numpy as np
 import pytest
@@ -112,12 +113,13 @@ def test_view_shows_the_top5_and_the_maps_of_the_query(demo, examples):
 
 def test_a_click_moves_the_query_point(demo, examples):
     shown = show(demo, examples[0])
-    moved = click_query(shown, x=10, y=300, width=DISPLAY_SIZE, height=DISPLAY_SIZE)
-    assert moved.query == pytest.approx(((300 + 0.5) / DISPLAY_SIZE, (10 + 0.5) / DISPLAY_SIZE))
+    y = DISPLAY_SIZE - 20
+    moved = click_query(shown, x=10, y=y, width=DISPLAY_SIZE, height=DISPLAY_SIZE)
+    assert moved.query == pytest.approx(((y + 0.5) / DISPLAY_SIZE, (10 + 0.5) / DISPLAY_SIZE))
     assert click_query(shown, x=-5, y=DISPLAY_SIZE + 9, width=DISPLAY_SIZE, height=DISPLAY_SIZE).query == (1.0, 0.0)
     before, after = view(demo, shown), view(demo, moved)
     assert [s.query for s in after.stages] == [(7, 0), (3, 0), (1, 0), (0, 0)]
-    assert "Query point at (0.94, 0.03)" in after.caption
+    assert "Query point at (0.96, 0.02)" in after.caption
     # the maps are those of the new point: what attention_maps gives for it
     direct = attention_maps(demo.classifier.model, moved.tensor[None], moved.query)
     for got, want in zip(after.stages, direct):
@@ -152,6 +154,18 @@ def test_load_demo_and_command_errors(capsys):
         load_demo(timm.create_model("resnet10t", num_classes=3), device="cpu")
     assert main(["demo", "--checkpoint", "no/such/file.pth"]) == 2
     assert capsys.readouterr().err.startswith("rmt: error: ")
+
+
+def test_a_busy_port_is_one_line(capsys):
+    pytest.importorskip("gradio", reason="the demo extra is not installed")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--model", "rmt_t", "--device", "cpu", "--amp", "none", "--port", str(port)]) == 2
+    assert f"rmt: error: port {port} on 127.0.0.1 is in use: pass another --port" in capsys.readouterr().err
+    assert main(["demo", "--model", "rmt_t", "--port", "70000"]) == 2
+    assert "must be a port number from 1 to 65535, got 70000" in capsys.readouterr().err
 
 
 def test_missing_gradio_is_one_line_naming_the_extra(demo, examples, monkeypatch):

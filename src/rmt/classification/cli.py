@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cliutils import non_negative_int, positive_int, print_json, print_results
+from ..cliutils import non_negative_int, port_number, positive_int, print_json, print_results
 from ..training.config import add_config_flags, config_from_flags
 from .config import ClassificationConfig
 from .demo import load_demo, serve
@@ -132,7 +132,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
                    help="precision of the predictions, as for rmt predict (the maps are drawn in float32)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
+    p.add_argument("--port", type=port_number, default=7860, help="port (default: 7860)")
     p.add_argument("--share", action="store_true",
                    help="also make a public link through Gradio's share servers (off by default; contacts the "
                         "internet)")

@@ -343,9 +343,14 @@ def serve(demo: Demo, host: str = "127.0.0.1", port: int = 7860, share: bool = F
           ready=None) -> None:
     """Serve the page until interrupted; ``ready(url)`` is called once it answers."""
     page, theme = build_page(demo)
-    _, url, _ = page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
-                            theme=theme, ssr_mode=False, mcp_server=False, max_file_size=2 * MAX_FILE_BYTES,
-                            footer_links=[])
+    try:
+        _, url, _ = page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                                quiet=True, theme=theme, ssr_mode=False, mcp_server=False,
+                                max_file_size=2 * MAX_FILE_BYTES, footer_links=[])
+    except OSError as e:
+        if "empty port" not in str(e):
+            raise
+        raise RMTError(f"port {port} on {host} is in use: pass another --port") from e
     if ready is not None:
         ready(url)
     try:
