@@ -2,6 +2,7 @@
 the maps of a clicked point, the command's errors). tests/test_demo_browser.py drives the page itself."""
 import io
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -127,6 +128,17 @@ def test_a_click_moves_the_query_point(demo, examples):
     assert not torch.allclose(before.stages[0].weights, after.stages[0].weights)
     assert np.abs(np.asarray(before.picture, dtype=int) - np.asarray(after.picture, dtype=int)).max() > 100  # marker
     assert before.top == after.top  # the classes do not depend on the point
+
+
+def test_visitors_at_the_same_time_get_their_own_maps(demo, examples):
+    """Gradio runs each visitor's events in its own thread, on the one model that attention_maps hooks."""
+    shown = [show(demo, examples[0]), click_query(show(demo, examples[5]), 40, 400, DISPLAY_SIZE, DISPLAY_SIZE)]
+    alone = [attention_maps(demo.classifier.model, s.tensor[None], s.query) for s in shown]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: view(demo, shown[i % 2]).stages, range(8)))
+    for i, stages in enumerate(together):
+        for got, want in zip(stages, alone[i % 2]):
+            torch.testing.assert_close(got.weights, want.weights)
 
 
 def test_in_memory_images_and_grayscale(demo):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ class Demo:
     name: str  # the model's name, e.g. rmt_t
     weights: str  # where the weights come from: a checkpoint path, or "random weights"
     stages: list[dict[str, Any]] = field(default_factory=list)  # visualize.decay_summary
+    # one picture at a time: attention_maps hooks the shared model, and the page serves several visitors
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
         self.stages = decay_summary(self.classifier.model)  # also refuses a model that is not an RMT
@@ -237,9 +240,10 @@ def view(demo: Demo, shown: Shown, stage: int = 1, block: int = -1) -> View:
         raise RMTError(f"stage {stage}: the model has stages 1 to {len(demo.stages)}")
     classifier = demo.classifier
     images = shown.tensor[None].to(classifier.device)
-    probs = classifier.probabilities(images)[0]
+    with demo.lock:
+        probs = classifier.probabilities(images)[0]
+        stages = attention_maps(classifier.model, images, shown.query, block)
     top = classifier.top(probs, demo.topk)
-    stages = attention_maps(classifier.model, images, shown.query, block)
     picture = denormalise(shown.tensor, classifier.data_config)
     best = top[0]
     fig, _ = attention_figure(picture, stages, shown.query,
