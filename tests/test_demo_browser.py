@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -148,14 +149,23 @@ def test_demo_page_in_chromium(digits_checkpoint, tmp_path):
             assert "Query point at (0.15, 0.10)" in page.inner_text("#rmt-caption")
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
 
-            # a file that is not an image: a message on the page, and the page still works
-            bad = tmp_path / "holiday.png"
-            bad.write_text("this is not a picture\n")
-            page.set_input_files("#rmt-upload input[type=file]", str(bad))
-            message = page.locator("#rmt-message", has_text="Cannot show this file")
-            message.wait_for(timeout=STEP_TIMEOUT_MS)
-            assert "holiday.png is not an image this demo can read" in message.inner_text()
-            assert page.locator("#rmt-picture img").count() == 0  # the last picture's results are cleared
+            # files it cannot show: a message on the page each time, and the page still works
+            bad = {"holiday.png": "holiday.png is not an image this demo can read",
+                   "notes.txt": "notes.txt is not an image this demo can read",
+                   "huge.png": "huge.png is 9000x5000 pixels (45 MP); the demo reads images up to 40 MP"}
+            (tmp_path / "holiday.png").write_text("this is not a picture\n")
+            (tmp_path / "notes.txt").write_text("nor is this\n")
+            Image.new("1", (9000, 5000)).save(tmp_path / "huge.png")  # 45 MP in a few kB
+            for name, text in bad.items():
+                clear = page.locator("#rmt-upload button[aria-label='Clear']")
+                if clear.count():  # the last file is still shown: take it away, as a visitor would
+                    clear.click()
+                    page.locator("#rmt-upload input[type=file]").wait_for(state="attached", timeout=STEP_TIMEOUT_MS)
+                page.set_input_files("#rmt-upload input[type=file]", str(tmp_path / name))
+                page.locator("#rmt-message", has_text=text).wait_for(timeout=STEP_TIMEOUT_MS)
+                assert page.inner_text("#rmt-message").startswith("Cannot show this file: ")
+                assert page.locator("#rmt-picture img").count() == 0  # the last picture's results are cleared
+                assert page.locator("#rmt-top dt").count() == 0
             page.locator("#rmt-examples img").nth(0).click()
             page.locator("#rmt-caption", has_text="digit_0.png: predicted").wait_for(timeout=STEP_TIMEOUT_MS)
             assert page.inner_text("#rmt-message").strip() == ""

@@ -320,7 +320,8 @@ def build_page(demo: Demo, examples: list[Path] | None = None):
         gr.Markdown(demo.describe(), elem_id="rmt-info")
         state = gr.State(None)
         with gr.Row():
-            upload = gr.File(label="Upload an image", file_types=["image"], height=150, scale=1, elem_id="rmt-upload")
+            # any file: read_upload decides by the content, and says why it cannot show one
+            upload = gr.File(label="Upload an image", height=150, scale=1, elem_id="rmt-upload")
             gallery = gr.Gallery([str(p) for p in examples], label="...or pick an example", columns=len(examples),
                                  height=150, allow_preview=False, interactive=False, scale=2, elem_id="rmt-examples")
         with gr.Row():
