@@ -12,8 +12,8 @@ import math
 import sys
 from typing import Any, Callable, Dict, Iterable, Sequence
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "probability", "to_jsonable", "print_json",
-           "format_table", "print_results"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "probability", "port_number", "to_jsonable",
+           "print_json", "format_table", "print_results"]
 
 
 def _number(kind: type, text: str):
@@ -31,6 +31,14 @@ def positive_int(text: str) -> int:
     value = _number(int, text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    value = _number(int, text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
     return value
 
 

@@ -1,4 +1,5 @@
-"""``rmt train``, ``rmt eval``, ``rmt predict`` and ``rmt token-labels`` (added to the command by rmt.cli).
+"""``rmt train``, ``rmt eval``, ``rmt predict``, ``rmt demo`` and ``rmt token-labels`` (added to the command by
+rmt.cli).
 
 Each command parses its flags, calls one function of this package, and prints what it did.
 """
@@ -6,9 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from ..cliutils import non_negative_int, positive_int, print_json, print_results
+from ..cliutils import non_negative_int, port_number, positive_int, print_json, print_results
 from ..training.config import add_config_flags, config_from_flags
 from .config import ClassificationConfig
+from .demo import load_demo, serve
 from .evaluate import evaluate_checkpoint
 from .predict import iter_predictions, load_classifier
 from .token_labels import generate_token_labels
@@ -105,6 +107,38 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _cmd_demo(args) -> int:
+    demo = load_demo(args.model, args.checkpoint, args.device, args.amp)
+
+    def ready(url: str) -> None:
+        print(f"rmt demo: {demo.name} on {demo.classifier.device} in {demo.classifier.precision} at {url} "
+              f"(Ctrl+C stops it)", flush=True)
+
+    serve(demo, host=args.host, port=args.port, share=args.share, ready=ready)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="a local web page: top-5 classes and MaSA's decay and attention of a point you click",
+        description="Serve a web page (Gradio; pip install \"rmt[demo]\") to try a classifier on an uploaded "
+                    "image or a bundled example: the top-5 classes, and for a point clicked on the picture the "
+                    "MaSA attention of every stage and the decay and attention of each head, over the picture.")
+    p.add_argument("--checkpoint", default=None,
+                   help="official .pth, our .safetensors, a run's best.pth or a model folder")
+    p.add_argument("--model", default=None,
+                   help="model name, e.g. rmt_s (default: the checkpoint's); without --checkpoint: random weights")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
+                   help="precision of the predictions, as for rmt predict (the maps are drawn in float32)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=port_number, default=7860, help="port (default: 7860)")
+    p.add_argument("--share", action="store_true",
+                   help="also make a public link through Gradio's share servers (off by default; contacts the "
+                        "internet)")
+    p.set_defaults(func=_cmd_demo)
+
+
 def _cmd_token_labels(args) -> int:
     result = generate_token_labels(args.teacher, args.data, args.output, checkpoint=args.checkpoint,
                                    img_size=args.img_size, topk=args.topk, batch_size=args.batch_size,
@@ -135,4 +169,5 @@ def add_commands(subparsers) -> None:
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_predict(subparsers)
+    _add_demo(subparsers)
     _add_token_labels(subparsers)

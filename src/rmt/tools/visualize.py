@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from ..data.image import BadImageError
@@ -47,11 +48,16 @@ from ..models.masa import MaSATables
 
 __all__ = [
     "StageAttention",
+    "attention_figure",
     "attention_maps",
     "decay_maps",
+    "denormalise",
+    "figure_image",
     "grad_cam",
+    "heads_figure",
     "plot_attention",
     "plot_decay",
+    "short_label",
     "visualize_attention",
     "visualize_decay",
 ]
@@ -247,13 +253,14 @@ def grad_cam(model: nn.Module, images: torch.Tensor, class_index: int | None = N
     return (cam / top if top > 0 else cam), int(class_index)
 
 
-def _denormalise(tensor: torch.Tensor, data_config: dict[str, Any]) -> np.ndarray:
+def denormalise(tensor: torch.Tensor, data_config: dict[str, Any]) -> np.ndarray:
+    """A normalised image ``(3, H, W)`` back to ``(H, W, 3)`` in ``[0, 1]`` for drawing."""
     mean = torch.tensor(data_config["mean"], dtype=tensor.dtype)[:, None, None]
     std = torch.tensor(data_config["std"], dtype=tensor.dtype)[:, None, None]
     return (tensor.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def _short(label: str, width: int = 26) -> str:
+def short_label(label: str, width: int = 26) -> str:
     """A class name short enough for a panel title (ImageNet's list several synonyms)."""
     return textwrap.shorten(label, width=width, placeholder="...")
 
@@ -272,6 +279,69 @@ def _overlay(ax, picture: np.ndarray, heat: np.ndarray, title: str, marker: tupl
     ax.set_yticks([])
 
 
+def figure_image(fig, dpi: int = 100) -> Image.Image:
+    """Render a figure to an RGB picture (what a web page shows)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.convert("RGB")
+
+
+def attention_figure(picture: np.ndarray, stages: Sequence[StageAttention], query: tuple[float, float],
+                     caption: str, extra_panels: int = 0):
+    """The input with the query point marked, then each stage's attention (the heads' mean) over it.
+
+    ``picture``: the model's input ``(H, W, 3)`` in ``[0, 1]``; ``query``: fractions of its height and
+    width; ``extra_panels`` blank panels are added at the end. Returns ``(figure, axes)``.
+    """
+    height, width = picture.shape[:2]
+    marker = (query[0] * height, query[1] * width)
+    panels = 1 + len(stages) + extra_panels
+    fig = _figure(3.0 * panels, 3.6)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes[0].imshow(picture)
+    axes[0].plot([marker[1]], [marker[0]], "o", ms=7, mfc="white", mec="black", mew=1.5)
+    axes[0].set_title(f"input {height}x{width}, query (white)\n{caption}", fontsize=9)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    for ax, att in zip(axes[1:], stages):
+        h, w = att.mean.shape
+        kind = "decomposed" if att.decomposed else "full"
+        _overlay(ax, picture, att.mean.numpy(), f"stage {att.stage + 1}, {kind} MaSA, block {att.block + 1}\n"
+                 f"{h}x{w} tokens, mean of {att.weights.shape[0]} heads", marker)
+    return fig, axes
+
+
+def heads_figure(picture: np.ndarray, attention: StageAttention, decay: torch.Tensor, gammas: Sequence[float],
+                 query: tuple[float, float]):
+    """One stage, head by head, over ``picture``: the decay ``gamma_t ** d`` around the query token
+    (``decay``: ``(heads, h, w)`` on the stage's grid, :func:`decay_maps`) in the first row and the
+    head's attention of the query in the second. Returns the figure."""
+    height, width = picture.shape[:2]
+    marker = (query[0] * height, query[1] * width)
+    heads = attention.weights.shape[0]
+    columns = min(heads, 8)
+    rows = 2 * math.ceil(heads / columns)
+    fig = _figure(1.9 * columns + 0.4, 2.05 * rows + 0.5)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for t in range(columns * rows // 2):
+        pair = (axes[2 * (t // columns)][t % columns], axes[2 * (t // columns) + 1][t % columns])
+        if t >= heads:
+            for ax in pair:
+                ax.set_axis_off()
+            continue
+        _overlay(pair[0], picture, decay[t].numpy(), f"head {t}: decay \u03b3={gammas[t]:.3f}", marker)
+        _overlay(pair[1], picture, attention.weights[t].numpy(), f"head {t}: attention", marker)
+        for ax in pair:
+            ax.title.set_fontsize(8)
+    h, w = attention.mean.shape
+    kind = "decomposed" if attention.decomposed else "full"
+    fig.suptitle(f"stage {attention.stage + 1} ({kind} MaSA, block {attention.block + 1}, {h}x{w} tokens): "
+                 f"decay \u03b3$_t^{{d}}$ and attention of query token {attention.query}, per head", fontsize=10)
+    return fig
+
+
 def plot_attention(classifier, image, output: str | os.PathLike, query: tuple[float, float] = (0.5, 0.5),
                    block: int = -1, cam: bool = False, title: str | None = None, dpi: int = 110) -> dict[str, Any]:
     """Draw the attention of ``query`` per stage (and Grad-CAM) over ``image`` as the model sees it.
@@ -285,29 +355,16 @@ def plot_attention(classifier, image, output: str | os.PathLike, query: tuple[fl
     stages = attention_maps(classifier.model, images, query, block)
     probs = classifier.probabilities(images)[0]
     best = classifier.top(probs, 1)[0]
-    picture = _denormalise(tensor, classifier.data_config)
+    picture = denormalise(tensor, classifier.data_config)
     height, width = picture.shape[:2]
-    marker = (query[0] * height, query[1] * width)
-    panels = 1 + len(stages) + int(cam)
-    fig = _figure(3.0 * panels, 3.6)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    axes[0].imshow(picture)
-    axes[0].plot([marker[1]], [marker[0]], "o", ms=7, mfc="white", mec="black", mew=1.5)
-    axes[0].set_title(f"input {height}x{width}, query (white)\npredicted: {_short(best['label'])} ({best['prob']:.1%})",
-                      fontsize=9)
-    axes[0].set_xticks([])
-    axes[0].set_yticks([])
-    for ax, att in zip(axes[1:], stages):
-        h, w = att.mean.shape
-        kind = "decomposed" if att.decomposed else "full"
-        _overlay(ax, picture, att.mean.numpy(), f"stage {att.stage + 1}, {kind} MaSA, block {att.block + 1}\n"
-                 f"{h}x{w} tokens, mean of {att.weights.shape[0]} heads", marker)
+    caption = f"predicted: {short_label(best['label'])} ({best['prob']:.1%})"
+    fig, axes = attention_figure(picture, stages, query, caption, extra_panels=int(cam))
     result: dict[str, Any] = {"prediction": best, "stages": [s.summary() for s in stages],
                               "input_size": [height, width]}
     if cam:
         heat, index = grad_cam(classifier.model, images)
         label = classifier.class_names[index]
-        _overlay(axes[-1], picture, heat.numpy(), f"Grad-CAM: {_short(label)}\n({heat.shape[0]}x{heat.shape[1]}, "
+        _overlay(axes[-1], picture, heat.numpy(), f"Grad-CAM: {short_label(label)}\n({heat.shape[0]}x{heat.shape[1]}, "
                  "last stage)", None)
         result["cam"] = {"index": index, "label": label, "grid": list(heat.shape)}
     fig.suptitle(title or "MaSA attention of the query point (weights scaled to each panel's maximum)", fontsize=11)
