@@ -15,6 +15,8 @@ from rmt.classification import ClassificationConfig
 from rmt.classification import train as train_classifier
 from rmt.cli import build_parser, main
 from rmt.data.shapes import generate_shapes
+from rmt.detection import DetConfig
+from rmt.detection import train as train_detector
 from rmt.errors import RMTError
 from rmt.segmentation import SegConfig
 from rmt.segmentation import train as train_segmentor
@@ -158,6 +160,22 @@ def test_segmentation_run_logs_metrics_and_drawn_predictions(shapes, tmp_path):
         pictures = logged.Images(tag)
         assert [p.step for p in pictures] == [1, 2] and pictures[0].width == 160  # 64 px widened for the legend
     assert [c.step for c in logged.Images("curves")] == [1, 2]
+
+
+def test_detection_run_logs_box_ap_and_drawn_predictions(shapes, tmp_path):
+    cfg = load_config(DetConfig, "shapes", dict(
+        data=str(shapes), output=str(tmp_path / "det"), train_split="training", val_split="validation", epochs=1,
+        lr_steps=[1], batch_size=2, eval_batch_size=2, min_size=[64], max_size=64, anchor_sizes=[8, 16, 32, 64, 128],
+        neck_channels=16, rpn_post_nms_train=32, rpn_post_nms_test=16, box_batch_size_per_image=16,
+        detections_per_img=5, warmup_iters=1, workers=0, device="cpu", log_interval=1))
+    run = train_detector(cfg).output
+    logged = events(run)
+    assert steps(logged, "train/loss") == [1, 2]
+    assert steps(logged, "metrics/bbox_AP") == steps(logged, "metrics/segm_AP") == [2]
+    assert "task: detection" in texts(logged, "run")[0]
+    for tag in ("predictions/0", "predictions/1"):
+        pictures = logged.Images(tag)
+        assert [p.step for p in pictures] == [2] and (pictures[0].width, pictures[0].height) == (64, 64)
 
 
 def test_wandb_offline_and_mlflow_file_store(tmp_path, monkeypatch):

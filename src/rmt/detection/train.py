@@ -69,7 +69,8 @@ def drawn_predictions(model: nn.Module, dataset: CocoDetection, run: TrainingRun
     for index in range(min(count, len(dataset))):
         image = dataset[index][0]
         with run.autocast():
-            detections = {k: v.float().cpu() for k, v in model([image.to(run.device)])[0].items()}
+            found = model([image.to(run.device)])[0]
+        detections = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in found.items()}
         keep = detections["scores"] >= score_thresh
         pictures[f"predictions/{index}"] = draw_detections(to_pil_image(image), {k: v[keep] for k, v in
                                                                                  detections.items()},
