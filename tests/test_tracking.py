@@ -108,6 +108,7 @@ def test_resume_after_a_crash_drops_the_steps_logged_after_the_checkpoint(tmp_pa
     assert [c.step for c in logged.Images("curves")] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_continues_the_steps(tmp_path):
     """A run killed with SIGKILL mid-run and resumed with --resume auto has each step once, in order."""
     out = tmp_path / "run"
@@ -162,6 +163,7 @@ def test_segmentation_run_logs_metrics_and_drawn_predictions(shapes, tmp_path):
     assert [c.step for c in logged.Images("curves")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_detection_run_logs_box_ap_and_drawn_predictions(shapes, tmp_path):
     cfg = load_config(DetConfig, "shapes", dict(
         data=str(shapes), output=str(tmp_path / "det"), train_split="training", val_split="validation", epochs=1,
@@ -178,6 +180,7 @@ def test_detection_run_logs_box_ap_and_drawn_predictions(shapes, tmp_path):
         assert [p.step for p in pictures] == [2] and (pictures[0].width, pictures[0].height) == (64, 64)
 
 
+@pytest.mark.slow
 def test_wandb_offline_and_mlflow_file_store(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")

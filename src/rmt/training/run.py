@@ -460,10 +460,11 @@ class TrainingRun:
 
     def _log_step(self, loss: torch.Tensor) -> None:
         self._check_finite()
-        if self.trackers.active:
-            seconds = time.perf_counter() - self._round_start
+        if self.trackers.active:  # the throughput since the previous logged step
+            (since, images), now = self._logged_at, time.perf_counter()
+            self._logged_at = (now, self._round_images)
             self.trackers.scalars({"train/loss": float(loss), "train/lr": self.lr, "train/images_per_second":
-                                   self._round_images * self.info.world_size / max(seconds, 1e-9)},
+                                   (self._round_images - images) * self.info.world_size / max(now - since, 1e-9)},
                                   self.progress.iteration)
         if self.info.is_main and not sys.stderr.isatty():
             _logger.info("epoch %d step %d, iteration %d: loss %.4f, lr %.3g", self.progress.epoch + 1,
@@ -498,6 +499,7 @@ class TrainingRun:
         self._loss_count = 0
         self._round_images = 0
         self._round_start = time.perf_counter()
+        self._logged_at = (self._round_start, 0)  # (time, images of the round) at the last step logged
         self._first_bad = torch.tensor(_NO_BAD_STEP, device=self.device)
         self._updated_now = False
 
