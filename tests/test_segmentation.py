@@ -1,5 +1,6 @@
 """Segmentation: UperNet / Semantic FPN on RMT, sliding-window inference, mIoU, configs, the `rmt seg` CLI."""
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -191,5 +192,7 @@ def test_two_process_ddp_training(shapes, tmp_path):
         assert (out / name).is_file(), name
     assert read_run_checkpoint(out / "last.pth", task="segmentation").world_size == 2
     assert "2 process(es)" in done.stdout + done.stderr
+    if importlib.util.find_spec("tensorboard") is not None:  # the run is logged by rank 0 only: one event file
+        assert len(list(out.glob("events.out.tfevents.*"))) == 1
     with open(out / "metrics.csv", newline="") as f:
         assert [r["iteration"] for r in csv.DictReader(f)] == ["2"]

@@ -11,12 +11,17 @@ step and signals are :class:`rmt.training.run.TrainingRun`'s.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Dict, List
 
+import torch
+from PIL import Image
+from torch import nn
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import to_pil_image
 
 from ..data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
 from ..data.shapes import SPLITS, ensure_shapes
+from ..tools.draw import draw_detections
 from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule
@@ -25,6 +30,8 @@ from .evaluate import evaluate
 from .models import build_detector, detector_kwargs
 
 __all__ = ["train", "detection_data", "METRIC_COLUMNS"]
+
+DRAWN = 2  # validation images drawn with their detections for the run's trackers, at each evaluation
 
 METRIC_COLUMNS = ["epoch", "iteration", "train_loss", "lr", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
                   "segm_AP50", "segm_AP75", "seconds"]
@@ -49,6 +56,27 @@ def detection_data(cfg: DetConfig) -> DetectionData:
                           masks=masks, skip_empty=True, max_samples=cfg.max_train_samples)
     val = CocoDetection(*coco_split_paths(root, val_split), masks=False, max_samples=cfg.max_val_samples)
     return DetectionData("shapes" if cfg.data is None else str(root), train, val, train.class_names)
+
+
+@torch.no_grad()
+def drawn_predictions(model: nn.Module, dataset: CocoDetection, run: TrainingRun, count: int = DRAWN,
+                      score_thresh: float = 0.3) -> Dict[str, Image.Image]:
+    """The first ``count`` images of ``dataset`` with ``model``'s detections scoring ``score_thresh`` or more
+    drawn on them (``predictions/N`` -> picture)."""
+    was_training = model.training
+    model.eval()
+    pictures = {}
+    for index in range(min(count, len(dataset))):
+        image = dataset[index][0]
+        with run.autocast():
+            found = model([image.to(run.device)])[0]
+        detections = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in found.items()}
+        keep = detections["scores"] >= score_thresh
+        pictures[f"predictions/{index}"] = draw_detections(to_pil_image(image), {k: v[keep] for k, v in
+                                                                                 detections.items()},
+                                                           dataset.class_names)
+    model.train(was_training)
+    return pictures
 
 
 def train(cfg: DetConfig) -> RunResult:
@@ -88,6 +116,8 @@ def train(cfg: DetConfig) -> RunResult:
                 continue
             metrics = evaluate(model, data.val, run.device, run.info, run.amp_dtype, batch_size=cfg.eval_batch_size,
                                workers=workers)
+            if run.trackers.active:
+                run.trackers.images(drawn_predictions(model, data.val, run), run.iteration)
 
             def describe(row) -> str:
                 text = (f"epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f}, box AP "

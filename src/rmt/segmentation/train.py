@@ -11,13 +11,17 @@ by mIoU). The run directory, resume, the optimizer step and signals are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+import torch
+from PIL import Image
+from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_segmentation
 from ..data.shapes import SPLITS, ensure_shapes
 from ..errors import RMTError
+from ..tools.draw import draw_segmentation
 from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule
@@ -26,6 +30,8 @@ from .evaluate import evaluate
 from .models import build_segmentor, segmentor_kwargs
 
 __all__ = ["train", "segmentation_data", "class_names_for", "METRIC_COLUMNS"]
+
+DRAWN = 2  # validation images drawn with their segmentation for the run's trackers, at each evaluation
 
 METRIC_COLUMNS = ["iteration", "epoch", "train_loss", "lr", "mIoU", "mAcc", "aAcc", "seconds"]
 SPEC = RoundSpec(metric="mIoU", columns=METRIC_COLUMNS, plotted=("mIoU", "mAcc"), unit="iteration",
@@ -59,6 +65,25 @@ def segmentation_data(cfg: SegConfig) -> SegmentationData:
     val = ADE20KDataset(root, val_split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, cfg.max_val_samples)
     names = class_names_for(train.class_names, cfg.num_classes, str(root))
     return SegmentationData("shapes" if cfg.data is None else str(root), train, val, names)
+
+
+@torch.no_grad()
+def drawn_predictions(model: nn.Module, data: SegmentationData, cfg: SegConfig, run: TrainingRun,
+                      count: int = DRAWN) -> Dict[str, Image.Image]:
+    """The first ``count`` validation images blended with ``model``'s segmentation, as evaluated
+    (``predictions/N`` -> picture)."""
+    was_training = model.training
+    model.eval()
+    pictures = {}
+    for index in range(min(count, len(data.val))):
+        image, _ = data.val.load(index)
+        with run.autocast():
+            logits = model.inference(data.val.transform(image)[None].to(run.device), mode=cfg.test_mode,
+                                     crop_size=cfg.crop_size, stride=cfg.slide_stride,
+                                     output_size=(image.height, image.width))
+        pictures[f"predictions/{index}"] = draw_segmentation(image, logits.argmax(1)[0], data.class_names)
+    model.train(was_training)
+    return pictures
 
 
 def train(cfg: SegConfig) -> RunResult:
@@ -100,6 +125,8 @@ def train(cfg: SegConfig) -> RunResult:
                     metrics = evaluate(model, data.val, len(data.class_names), run.device, run.info, run.amp_dtype,
                                        mode=cfg.test_mode, crop_size=cfg.crop_size, stride=cfg.slide_stride,
                                        workers=workers, class_names=data.class_names)
+                    if run.trackers.active:
+                        run.trackers.images(drawn_predictions(model, data, cfg, run), run.iteration)
                     run.end_round({k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}, describe)
                     ddp.train()
                 if run.iteration >= cfg.max_iters:

@@ -8,7 +8,8 @@ One mechanism, parametrised by the task's dataclass:
 * :func:`load_config` reads ``defaults <- YAML file <- overrides``; a file may name another with
   ``base:`` (a path, or a bundled name), and bundled files are found by name in
   ``configs/<task>/`` (``rmt_s``, ``mask_rcnn_1x``);
-* :func:`add_config_flags` makes one flag per field (``batch_size`` -> ``--batch-size``) and
+* :func:`add_config_flags` makes one flag per field (``batch_size`` -> ``--batch-size``; a list
+  field's flag takes several values, separated by spaces or commas, and may be repeated) and
   :func:`flag_overrides` reads back the ones given;
 * :meth:`RunConfig.check` is where a task adds checks that span several fields.
 
@@ -33,6 +34,7 @@ import yaml
 
 from ..errors import RMTError, did_you_mean
 from ..files import atomic_write_text
+from .tracking import LOG_TO_CHOICES
 
 __all__ = ["CONFIG_DIR", "RunConfig", "DenseRunConfig", "option", "load_config", "config_from_dict", "save_config",
            "bundled_configs", "resolve_config", "add_config_flags", "flag_overrides", "config_from_flags",
@@ -108,6 +110,9 @@ class RunConfig:
                                       check="non_negative")
     keep_checkpoints: int = option(0, "also keep the N most recent checkpoints of evaluations (0: only last and "
                                       "best)", check="non_negative")
+    log_to: List[str] = option(["auto"], "where to log the run (rmt.training.tracking): tensorboard, wandb, mlflow "
+                                         "(several may be combined), none, or auto (TensorBoard when installed)",
+                               choices=LOG_TO_CHOICES)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain values (tuples as lists), in field order: what ``config.yaml`` holds."""
@@ -136,6 +141,8 @@ class RunConfig:
 
     def check(self) -> None:
         """Checks across fields (a task's subclass extends it). Raise :class:`RMTError`."""
+        if "none" in self.log_to and len(set(self.log_to)) > 1:
+            raise RMTError(f"log_to: none cannot be combined with other trackers, got {','.join(self.log_to)}")
 
 
 @dataclass
@@ -204,10 +211,10 @@ def _coerce(cls: Type[RunConfig], name: str, value: Any) -> Any:
         origin = typing.get_origin(kind)
         if origin in (list, tuple):
             item = typing.get_args(kind)[0]
-            if isinstance(value, str):
-                value = value.replace(",", " ").split()
-            elif not isinstance(value, (list, tuple)):
+            if not isinstance(value, (list, tuple)):
                 value = [value]
+            # "a,b" and "a b" items are several values (--log-to tensorboard,mlflow)
+            value = [part for v in value for part in (v.replace(",", " ").split() if isinstance(v, str) else [v])]
             items = [_scalar(item, v) for v in value]
             size = len(typing.get_args(kind)) if origin is tuple and ... not in typing.get_args(kind) else None
             if size is not None and len(items) != size:
@@ -319,7 +326,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: Type[RunConfig]) -> N
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(kind) is tuple and ... not in typing.get_args(kind):
             group.add_argument(flag, nargs=len(typing.get_args(kind)), metavar="V", **kwargs)
-        elif typing.get_origin(kind) in (list, tuple):
+        elif typing.get_origin(kind) is list:  # a repeated flag adds to the list
+            group.add_argument(flag, nargs="+", action="extend", metavar="V", **kwargs)
+        elif typing.get_origin(kind) is tuple:
             group.add_argument(flag, nargs="+", metavar="V", **kwargs)
         elif f.metadata.get("choices"):
             group.add_argument(flag, metavar="{" + ",".join(f.metadata["choices"]) + "}", **kwargs)

@@ -31,7 +31,9 @@ What it does for the loop:
 * **signals**: SIGTERM/SIGINT stop the run at the next optimizer-step boundary; ``last.pth`` is
   written and :class:`rmt.errors.RunInterrupted` raised (exit status 128 + signal);
 * **checkpoints**: ``last.pth`` at every evaluation (and every ``checkpoint_interval`` updates),
-  ``best.pth`` + ``model.safetensors`` when the evaluation improved, retention of the last N.
+  ``best.pth`` + ``model.safetensors`` when the evaluation improved, retention of the last N;
+* **logging** (rmt.training.tracking): TensorBoard / W&B / MLflow (``--log-to``) through ``run.trackers``,
+  continued without a repeated step on resume.
 
 Policies (the same for every task):
 
@@ -70,7 +72,7 @@ from ..errors import NonFiniteLossError, RMTError, RunInterrupted
 from ..files import atomic_save
 from ..models.weights import save_weights
 from .checkpoint import Progress, RunCheckpoint, read_run_checkpoint
-from .config import RunConfig, save_config
+from .config import RunConfig, config_to_yaml, save_config
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -84,6 +86,7 @@ from .distributed import (
 from .precision import amp_dtype, autocast, configure_float32, describe_precision
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunDirectory, plot_curves
+from .tracking import RunTrackers, resolve_trackers
 
 __all__ = ["TrainingRun", "RoundSpec", "RunResult", "progress_bar", "default_output"]
 
@@ -153,6 +156,8 @@ class TrainingRun:
         self.output = Path(cfg.output or default_output)
         cfg.output = str(self.output)  # the saved config.yaml then resumes into the same directory
         self.directory = RunDirectory(self.output)
+        self._tracker_names = resolve_trackers(cfg.log_to, announce=self.info.is_main)  # before anything is written
+        self.trackers = RunTrackers()  # opened by begin(), on the main process
         self.progress = Progress()
         self.history: List[Dict[str, Any]] = []
         self.model: Optional[nn.Module] = None
@@ -178,6 +183,8 @@ class TrainingRun:
     def __exit__(self, kind, error, traceback) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
+        interrupted = kind is not None and issubclass(kind, (RunInterrupted, KeyboardInterrupt))
+        self.trackers.close("FINISHED" if kind is None else "KILLED" if interrupted else "FAILED")
         if self.info.is_main:
             self.directory.release(failed=not self._started)
         cleanup(self.info)
@@ -281,6 +288,13 @@ class TrainingRun:
             self._load(checkpoint, resume)
         if self.info.is_main:  # the derived files follow the checkpoint (a kill may have cut them short)
             self._write_derived()
+            about = dict(task=self.task, device=self.device, precision=self.precision,
+                         world_size=self.info.world_size, command=self.command, output=self.output)
+            if checkpoint is not None:
+                about["resumed"] = f"from {resume} at iteration {self.progress.iteration}"
+            self.trackers = RunTrackers.open(self._tracker_names, self.output, step=self.progress.iteration,
+                                             resumed=checkpoint is not None, config=cfg.to_dict(), about=about,
+                                             config_text=config_to_yaml(cfg))
 
     def _resume_path(self) -> Optional[Path]:
         resume = self.cfg.resume
@@ -446,6 +460,12 @@ class TrainingRun:
 
     def _log_step(self, loss: torch.Tensor) -> None:
         self._check_finite()
+        if self.trackers.active:  # the throughput since the previous logged step
+            (since, images), now = self._logged_at, time.perf_counter()
+            self._logged_at = (now, self._round_images)
+            self.trackers.scalars({"train/loss": float(loss), "train/lr": self.lr, "train/images_per_second":
+                                   (self._round_images - images) * self.info.world_size / max(now - since, 1e-9)},
+                                  self.progress.iteration)
         if self.info.is_main and not sys.stderr.isatty():
             _logger.info("epoch %d step %d, iteration %d: loss %.4f, lr %.3g", self.progress.epoch + 1,
                          self.progress.step, self.progress.iteration, float(loss), self.lr)
@@ -479,6 +499,7 @@ class TrainingRun:
         self._loss_count = 0
         self._round_images = 0
         self._round_start = time.perf_counter()
+        self._logged_at = (self._round_start, 0)  # (time, images of the round) at the last step logged
         self._first_bad = torch.tensor(_NO_BAD_STEP, device=self.device)
         self._updated_now = False
 
@@ -501,6 +522,7 @@ class TrainingRun:
         if improved:
             self.progress.best_value, self.progress.best_at = value, row[self.spec.unit]
         self.history.append(row)
+        self.trackers.scalars({f"metrics/{key}": value for key, value in row.items()}, self.progress.iteration)
         self._new_round()
         self.log(describe(row))
         self._save_round(row, improved)
@@ -532,6 +554,7 @@ class TrainingRun:
         path = self.output / "last.pth"
         checkpoint = self.checkpoint()
         if self.info.is_main:
+            self.trackers.flush()  # what was logged up to the checkpoint is on disk before it
             atomic_save(checkpoint.to_dict(), path)
         barrier(self.info)
         return path
@@ -540,6 +563,7 @@ class TrainingRun:
         # best before last: a kill between the two resumes from the older last.pth and redoes the round
         checkpoint = self.checkpoint()
         if self.info.is_main:
+            self.trackers.flush()
             state = checkpoint.to_dict()
             if improved:
                 atomic_save(state, self.output / "best.pth")
@@ -553,6 +577,7 @@ class TrainingRun:
                 self.directory.retain(last, f"{label}_{number:0{4 if label == 'epoch' else 8}d}.pth",
                                       self.cfg.keep_checkpoints)
             self._write_derived()
+            self.trackers.image_file("curves", self.output / "curves.png", self.progress.iteration)
         barrier(self.info)
 
     def _write_derived(self) -> None:

@@ -5,6 +5,7 @@ Every task's run writes the same files into its ``--output`` directory::
     config.yaml         the resolved config
     metrics.csv         one row per evaluation (rewritten from the checkpoint's history)
     curves.png          loss and metrics per evaluation
+    events.out.tfevents.*   TensorBoard's event files; wandb/, mlruns/: W&B's, MLflow's (rmt.training.tracking)
     last.pth            everything needed to resume (``--resume auto``); see rmt.training.checkpoint
     best.pth            the checkpoint of the best evaluation
     model.safetensors   the best weights, with what they are in the metadata (rmt.models.weights)
@@ -39,8 +40,9 @@ from ..files import atomic_copy, atomic_write, atomic_write_text
 
 __all__ = ["RunDirectory", "RUN_FILES", "format_metric", "read_metrics_csv", "plot_curves"]
 
-RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "model.safetensors", "hub")
-_RETAINED = ("epoch_*.pth", "iter_*.pth")
+RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "model.safetensors", "hub", "wandb",
+             "mlruns")
+_FILE_PATTERNS = ("epoch_*.pth", "iter_*.pth", "events.out.tfevents.*")
 
 
 def format_metric(value: Any) -> str:
@@ -98,7 +100,7 @@ class RunDirectory:
         if not self.path.is_dir():
             return []
         found = [self.path / name for name in RUN_FILES if (self.path / name).exists()]
-        for pattern in _RETAINED:
+        for pattern in _FILE_PATTERNS:
             found += sorted(self.path.glob(pattern))
         return found
 
