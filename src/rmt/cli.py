@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .classification import cli as classification_cli
 from .detection import cli as detection_cli
-from .errors import RMTError, RunInterrupted
+from .errors import RMTError, RunInterrupted, shorten
 from .runtime import keep_freed_memory
 from .segmentation import cli as segmentation_cli
 from .tools import cli as tools_cli
@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
+def _one_line(e: BaseException, limit: int = 500) -> str:
+    """The message of ``e`` on one line of at most ``limit`` characters (it may quote user data)."""
+    return shorten(str(e), limit) or type(e).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -80,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"rmt: error: {e.strerror or _one_line(e)}{where}", file=sys.stderr)
             return 2
         else:
-            print(f"rmt: internal error: {type(e).__name__}: {_one_line(e)[:500]} (run with --debug for the "
+            print(f"rmt: internal error: {type(e).__name__}: {_one_line(e)} (run with --debug for the "
                   f"traceback, and please report it)", file=sys.stderr)
             return 1
         return e.exit_status

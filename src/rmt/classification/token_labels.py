@@ -23,9 +23,10 @@ from torchvision.transforms import v2
 
 from ..data.folder import BadSample, ImageFolderDataset, collate_skip_bad
 from ..data.token_label import label_path, write_label_map
-from ..errors import RMTError
+from ..errors import RMTError, shorten
 from ..files import atomic_write
 from ..models.factory import create_model, list_models
+from ..models.weights import read_state_dict
 from ..training.distributed import resolve_device
 from ..training.run import progress_bar
 
@@ -42,9 +43,14 @@ def build_teacher(name: str, checkpoint: Optional[str] = None) -> torch.nn.Modul
         raise RMTError(f"unknown teacher model {name!r} (an rmt_* name or any timm model)")
     if checkpoint is None:
         return timm.create_model(name, pretrained=False)
-    if not Path(checkpoint).is_file():
+    if not Path(checkpoint).exists():
         raise RMTError(f"teacher checkpoint not found: {checkpoint}")
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+    state_dict = read_state_dict(checkpoint)  # safely, with a one-line reason for a file that is not weights
+    try:  # timm adapts the weights (its filter function), then loads them strictly
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise RMTError(f"the weights in {checkpoint} do not fit the teacher {name}: "
+                       f"{shorten(str(e) or type(e).__name__, 300)}") from None
 
 
 @torch.no_grad()

@@ -53,8 +53,8 @@ def train(cfg: ClassificationConfig) -> RunResult:
     """
     token_label = bool(cfg.token_label_data)
     output = default_output(cfg.model, data=cfg.data, demo="digits")
+    data = build_datasets(cfg)  # checked before the run directory is touched
     with TrainingRun(cfg, task="classification", spec=SPEC, default_output=output, command="rmt train") as run:
-        data = build_datasets(cfg)
         model_kwargs = dict(num_classes=len(data.classes), token_label=token_label)
         if cfg.drop_path is not None:
             model_kwargs["drop_path_rate"] = cfg.drop_path

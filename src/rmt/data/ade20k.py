@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import RMTError
+from .checks import check_label_maps
 from .image import IMAGE_EXTENSIONS, BadImageError, load_rgb
 
 __all__ = ["ADE20KDataset", "SegTrainTransform", "SegEvalTransform", "IGNORE_INDEX", "IMAGENET_MEAN_255",
@@ -62,18 +63,24 @@ class ADE20KDataset(Dataset):
     """``(image, label)`` pairs of one split; ``transform(image: PIL, label: int64 array)`` prepares them.
 
     Items are ``(image float (3, h, w), label int64 (H, W))`` after the transform (default:
-    :class:`SegEvalTransform` at the image's own size, i.e. just normalisation).
+    :class:`SegEvalTransform` at the image's own size, i.e. just normalisation). Files whose names
+    start with ``.`` (``.DS_Store``, ``._x.jpg``) are left out. With ``num_classes`` every label map
+    is read once up front (:func:`rmt.data.checks.check_label_maps`): a label the model cannot have,
+    a multi-channel or wrongly sized map is one :class:`rmt.data.checks.DataError` line now, not a
+    failure at the first evaluation.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "training", transform: Optional[Callable] = None,
-                 reduce_zero_label: bool = True, max_samples: Optional[int] = None):
+                 reduce_zero_label: bool = True, max_samples: Optional[int] = None,
+                 num_classes: Optional[int] = None):
         self.root = Path(root)
         image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
                 raise RMTError(f"{folder} not found (ADE20K layout: ROOT/images/<split>, ROOT/annotations/<split>)")
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        labels = {p.stem: p for p in label_dir.glob("*.png")}
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+                        and not p.name.startswith("."))
+        labels = {p.stem: p for p in label_dir.glob("*.png") if not p.name.startswith(".")}
         missing = [p.name for p in images if p.stem not in labels]
         if missing:
             raise RMTError(f"{label_dir}: no label PNG for {len(missing)} image(s), e.g. {missing[0]}")
@@ -82,6 +89,8 @@ class ADE20KDataset(Dataset):
         if max_samples is not None:
             images = images[:max_samples]
         self.samples = [(p, labels[p.stem]) for p in images]
+        if num_classes is not None:
+            check_label_maps(self.samples, num_classes, reduce_zero_label, IGNORE_INDEX, f"{label_dir}")
         self.reduce_zero_label = reduce_zero_label
         self.class_names = read_class_names(self.root)
         self.transform = transform if transform is not None else SegEvalTransform(scale=None)

@@ -14,11 +14,16 @@ predictions back to the original image size; see :mod:`rmt.detection.models`.
 
 Layouts: ``root/annotations/instances_<split>.json`` with images in ``root/<split>/`` (COCO 2017:
 ``train2017``, ``val2017``) or ``root/images/<split>/`` (the bundled shapes).
+
+The JSON is checked record by record when the dataset is built (:func:`rmt.data.checks.check_coco`),
+and every image it lists is looked up (a ``stat`` each), so that a malformed annotation or a missing
+image is one :class:`rmt.errors.RMTError` line before training starts, not an error mid-epoch.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -27,10 +32,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import RMTError
+from ..errors import RMTError, shorten
+from .checks import Problems, check_coco, regular_file_problem
 from .image import BadImageError, load_rgb
 
-__all__ = ["CocoDetection", "detection_transforms", "coco_split_paths", "collate_detection"]
+__all__ = ["CocoDetection", "read_coco", "detection_transforms", "coco_split_paths", "collate_detection"]
 
 
 def coco_split_paths(root: str | os.PathLike, split: str) -> Tuple[Path, Path]:
@@ -49,14 +55,24 @@ def coco_split_paths(root: str | os.PathLike, split: str) -> Tuple[Path, Path]:
     raise RMTError(f"no image folder for split {split!r}: expected {root / split} or {root / 'images' / split}")
 
 
-def _quiet_coco(ann_file: Path):
+def read_coco(ann_file: Path):
+    """A pycocotools ``COCO`` of ``ann_file``, checked record by record first
+    (:func:`rmt.data.checks.check_coco`)."""
     from pycocotools.coco import COCO
 
+    problem = regular_file_problem(ann_file)
+    if problem:
+        raise RMTError(problem)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(ann_file))
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise RMTError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e})") from None
+        data = json.loads(ann_file.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RMTError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {shorten(str(e), 200)})") from None
+    check_coco(data, str(ann_file))
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 class CocoDetection(Dataset):
@@ -76,7 +92,7 @@ class CocoDetection(Dataset):
                  transforms: Optional[Callable] = None, masks: bool = True, skip_empty: bool = False,
                  max_samples: Optional[int] = None):
         self.image_dir = Path(image_dir)
-        self.coco = _quiet_coco(Path(ann_file))
+        self.coco = read_coco(Path(ann_file))
         self.category_ids = sorted(self.coco.getCatIds())
         if not self.category_ids:
             raise RMTError(f"{ann_file} defines no categories")
@@ -90,6 +106,12 @@ class CocoDetection(Dataset):
             ids = ids[:max_samples]
         if not ids:
             raise RMTError(f"{ann_file}: no images" + (" with annotations" if skip_empty else ""))
+        missing = Problems(f"images listed in {ann_file} cannot be read")
+        for image_id in ids:  # a stat each: a missing image is found now, not at the end of an epoch
+            problem = regular_file_problem(self.image_dir / self.coco.imgs[image_id]["file_name"])
+            if problem:
+                missing.add(problem)
+        missing.raise_if_any()
         self.ids = ids
         self.masks = masks
         self.transforms = transforms if transforms is not None else detection_transforms(train=False)
@@ -100,7 +122,7 @@ class CocoDetection(Dataset):
     def load_target(self, image_id: int, height: int, width: int) -> Dict[str, torch.Tensor]:
         """The raw target of one image (before transforms)."""
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        anns = [a for a in anns if a["bbox"][2] >= 1 and a["bbox"][3] >= 1 and a["category_id"] in self.label_of]
+        anns = [a for a in anns if a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
@@ -132,6 +154,9 @@ class CocoDetection(Dataset):
             rle = mask_utils.frPyObjects(seg, height, width)
         else:
             rle = seg
+        if tuple(rle["size"]) != (height, width):  # checked against the JSON's size; this is the file's
+            raise RMTError(f"annotation {ann.get('id')}: mask size {list(rle['size'])} is not the size of its image "
+                           f"{[height, width]}")
         mask = mask_utils.decode(rle)
         return mask if mask.ndim == 2 else mask.max(axis=2)
 

@@ -1,4 +1,5 @@
-"""ImageNet-style folders: ``ROOT/<split>/<class>/<image>``.
+"""ImageNet-style folders: ``ROOT/<split>/<class>/<image>``. Hidden entries (names starting with ``.``:
+``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints/``) are neither classes nor images.
 
 Unlike ``torchvision.datasets.ImageFolder`` this never stops a run for a bad file: a file that
 cannot be decoded is returned as a :class:`BadSample`, which :func:`collate_skip_bad` drops from
@@ -66,7 +67,8 @@ class ImageFolderDataset(Dataset):
         self.samples: List[Tuple[str, int]] = []
         empty, skipped = [], 0
         for name in found:
-            files = sorted(entry.path for entry in os.scandir(self.root / name) if entry.is_file())
+            files = sorted(entry.path for entry in os.scandir(self.root / name)
+                           if entry.is_file() and not entry.name.startswith("."))
             images = [f for f in files if is_image_file(f)]
             skipped += len(files) - len(images)
             if not images:

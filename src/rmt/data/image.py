@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import Union
 
 import numpy as np
@@ -47,8 +48,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
-    """Decode ``path`` fully and return an RGB image; :class:`BadImageError` if it is not one."""
+    """Decode ``path`` fully and return an RGB image; :class:`BadImageError` if it is not one (a FIFO or
+    another special file included: it is refused, not waited on)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError("not a regular file")
         with Image.open(path) as img:
             img.load()  # decode now: truncated or corrupt data fails here, not later in a transform
             return _to_rgb(img)

@@ -85,7 +85,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="a detection run's model.safetensors, best.pth or last.pth")
     p.add_argument("--output", default=None,
-                   help="folder for <stem>_det.png (default: predictions/), or a .png name for one image")
+                   help="folder for <stem>_det.png (default: predictions/; inputs sharing a stem get "
+                        "<stem>-2_det.png, -3, ... in the order given), or a .png name for one image")
     p.add_argument("--score-thresh", type=probability, default=0.5, help="keep detections scoring at least this")
     p.add_argument("--no-draw", action="store_true", help="only print the detections")
     p.add_argument("--device", default="auto")

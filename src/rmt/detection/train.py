@@ -82,8 +82,8 @@ def drawn_predictions(model: nn.Module, dataset: CocoDetection, run: TrainingRun
 def train(cfg: DetConfig) -> RunResult:
     """Train a detector as ``cfg`` says (one process, or DDP under torchrun); returns the main process's summary."""
     output = default_output("det", cfg.arch, cfg.backbone, data=cfg.data, demo="shapes")
+    data = detection_data(cfg)  # checked before the run directory is touched
     with TrainingRun(cfg, task="detection", spec=SPEC, default_output=output, command="rmt det train") as run:
-        data = detection_data(cfg)
         model = build_detector(cfg.arch, num_classes=len(data.class_names), backbone_weights=cfg.backbone_weights,
                                **detector_kwargs(cfg))
         # e.g. the mask head is unused when a batch has no positive RoI

@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import timm
 from torch import nn
 
-from ..errors import RMTError, did_you_mean
-from .hub import hub_checkpoint_info, hub_weights_file, is_hub_folder, save_hub_folder
+from ..errors import RMTError, did_you_mean, shorten
+from .hub import HUB_CONFIG, hub_checkpoint_info, hub_weights_file, is_hub_folder, save_hub_folder
 from .rmt import MODEL_ARGS, checkpoint_filter_fn, default_cfgs, guess_variant
 from .weights import (
     CheckpointMismatchError,
@@ -54,7 +54,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise RMTError(f"checkpoint {path} is a folder without config.json: pass a weights file, "
                        f"or a model folder written by `rmt convert SRC FOLDER`")
-    raise RMTError(f"checkpoint not found: {path}")
+    raise RMTError(f"checkpoint {'is not a regular file' if path.exists() else 'not found'}: {path}")
 
 
 def checkpoint_info(path: str | os.PathLike) -> Dict[str, Any]:
@@ -113,7 +113,16 @@ def create_model(
     if folder is not None:  # the model's pretrained_cfg describes the folder's preprocessing, as timm's loader does
         overlay.update({k: tuple(v) if isinstance(v, list) else v for k, v in info["data_config"].items()
                         if k in ("input_size", "interpolation", "mean", "std", "crop_pct")})
-    return timm.create_model(base, pretrained=True, pretrained_cfg=tag, pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        return timm.create_model(base, pretrained=True, pretrained_cfg=tag, pretrained_cfg_overlay=overlay, **kwargs)
+    except RMTError:
+        raise
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        if folder is None:
+            raise
+        # a hand-edited config.json whose model_args pass the type checks but do not build together
+        raise RMTError(f"{folder / HUB_CONFIG}: cannot build {base} from it ({type(e).__name__}: "
+                       f"{shorten(str(e), 200)})") from None
 
 
 def convert_checkpoint(

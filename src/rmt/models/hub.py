@@ -30,7 +30,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import timm
 from torch import nn
 
-from ..errors import RMTError
+from ..errors import RMTError, shorten
 from ..files import atomic_write_text
 from .rmt import MODEL_ARGS, RMT, default_cfgs
 from .weights import read_metadata, save_weights
@@ -217,9 +217,83 @@ def read_hub_config(folder: str | os.PathLike) -> Dict[str, Any]:
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
         raise RMTError(f"{path} names no architecture: not a timm model config")
     if config["architecture"] not in MODEL_ARGS:
-        raise RMTError(f"{path}: architecture {config['architecture']!r} is not an RMT variant "
+        raise RMTError(f"{path}: architecture {shorten(config['architecture'])} is not an RMT variant "
                        f"({', '.join(MODEL_ARGS)}); load it with timm.create_model('local-dir:{folder}')")
+    problem = _hub_config_problem(config)
+    if problem:
+        raise RMTError(f"{path}: {problem}")
     return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _model_arg_problem(key: str, value: Any, default: Any) -> Optional[str]:
+    """What is wrong with one ``model_args`` entry, judged by the type of the argument's default."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (tuple, list)):
+        ok = (isinstance(value, list) and len(value) == len(default)
+              and all(isinstance(v, bool) if isinstance(d, bool) else _is_number(v) and v > 0
+                      for v, d in zip(value, default)))
+    elif isinstance(default, int):
+        ok = _is_int(value) and value > 0
+    elif isinstance(default, float):
+        ok = _is_number(value) and value >= 0
+    else:
+        ok = isinstance(value, str)
+    like = json.dumps(list(default) if isinstance(default, tuple) else default)
+    return None if ok else f"model_args {key} must be like {like}, got {shorten(value)}"
+
+
+def _hub_config_problem(config: Dict[str, Any]) -> Optional[str]:
+    """What in a hand-edited ``config.json`` would fail later, or ``None``: types and ranges of
+    ``num_classes``, ``label_names``, ``model_args`` and ``pretrained_cfg``'s preprocessing."""
+    num_classes = config.get("num_classes", 1000)
+    if not _is_int(num_classes) or num_classes < 1:
+        return f"num_classes must be a positive integer, got {shorten(num_classes)}"
+    labels = config.get("label_names")
+    names_ok = isinstance(labels, list) and len(labels) == num_classes and all(isinstance(n, (str, int))
+                                                                               for n in labels)
+    if labels is not None and not (isinstance(labels, dict) or names_ok):
+        return f"label_names must be a list of {num_classes} names, got {shorten(labels)}"
+    model_args = config.get("model_args", {})
+    if not isinstance(model_args, dict):
+        return f"model_args must be an object, got {shorten(model_args)}"
+    defaults = {k: p.default for k, p in inspect.signature(RMT.__init__).parameters.items()
+                if k not in ("self", "num_classes", "global_pool", "device", "dtype")}
+    for key, value in model_args.items():
+        if key not in defaults:
+            return f"unknown model_args key {shorten(key)} (RMT takes {', '.join(defaults)})"
+        problem = _model_arg_problem(key, value, defaults[key])
+        if problem:
+            return problem
+    cfg = config.get("pretrained_cfg", {})
+    if not isinstance(cfg, dict):
+        return f"pretrained_cfg must be an object, got {shorten(cfg)}"
+    size = cfg.get("input_size", [model_args.get("in_chans", 3), 224, 224])
+    if not (isinstance(size, list) and len(size) == 3 and all(_is_int(v) and v > 0 for v in size)):
+        return f"pretrained_cfg input_size must be [channels, height, width], got {shorten(size)}"
+    if size[0] != model_args.get("in_chans", 3):
+        return f"pretrained_cfg input_size has {size[0]} channels, the model {model_args.get('in_chans', 3)}"
+    for key in ("mean", "std"):
+        value = cfg.get(key, [1.0] * size[0])
+        if not (isinstance(value, list) and len(value) == size[0] and all(_is_number(v) for v in value)):
+            return f"pretrained_cfg {key} must be {size[0]} numbers (one per channel), got {shorten(value)}"
+    if not all(v > 0 for v in cfg.get("std", [1.0])):
+        return f"pretrained_cfg std must be positive, got {shorten(cfg['std'])}"
+    crop_pct = cfg.get("crop_pct", 1.0)
+    if not _is_number(crop_pct) or crop_pct <= 0:
+        return f"pretrained_cfg crop_pct must be a positive number, got {shorten(crop_pct)}"
+    interpolation = cfg.get("interpolation", "bicubic")
+    if interpolation not in ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random"):
+        return f"pretrained_cfg interpolation {shorten(interpolation)} is not one of bilinear, bicubic, nearest, ..."
+    return None
 
 
 def hub_weights_file(folder: str | os.PathLike) -> Path:

@@ -81,11 +81,15 @@ def _unreadable_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {first}"
 
 
+def _require_file(path: Path) -> None:
+    if not path.is_file():  # a FIFO or a device is refused too: reading one could block
+        raise CheckpointError(f"checkpoint {'is not a regular file' if path.exists() else 'not found'}: {path}")
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """Load a checkpoint file safely: safetensors, or a ``torch.save`` file with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _require_file(path)
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
@@ -168,8 +172,7 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
     ``.safetensors`` file, or the ``meta`` entry of a run checkpoint (``last.pth``/``best.pth``).
     ``{}`` for files that carry none (official checkpoints, other tools' files)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _require_file(path)
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:

@@ -86,7 +86,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="a segmentation run's model.safetensors, best.pth or last.pth")
     p.add_argument("--output", default=None,
-                   help="folder for <stem>_seg.png (default: predictions/), or a .png name for one image")
+                   help="folder for <stem>_seg.png (default: predictions/; inputs sharing a stem get "
+                        "<stem>-2_seg.png, -3, ... in the order given), or a .png name for one image")
     p.add_argument("--mode", choices=modes, default=None, help="inference mode (default: the run's test_mode)")
     p.add_argument("--alpha", type=probability, default=0.5, help="opacity of the class colours")
     p.add_argument("--no-draw", action="store_true", help="only print the class shares")

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 
-from ..data.ade20k import ADE20KDataset, SegEvalTransform
+from ..data.ade20k import ADE20KDataset, SegEvalTransform, read_class_names
 from ..data.shapes import SPLITS, ensure_shapes
 from ..errors import RMTError
 from ..tools.draw import draw_segmentation, images_to_draw, save_picture
@@ -64,12 +65,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
     data = data if data is not None else cfg.data
     root = data if data is not None else ensure_shapes()
     split = split or (cfg.val_split if data is not None else SPLITS[1])
-    dataset = ADE20KDataset(root, split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, max_samples)
+    found = read_class_names(Path(root))
+    if found is not None and found != class_names:  # before reading the labels with the model's class count
+        raise RMTError(f"the classes of {root} ({', '.join(found[:5])}...) are not the model's "
+                       f"({', '.join(class_names[:5])}...)")
+    dataset = ADE20KDataset(root, split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, max_samples,
+                            num_classes=len(class_names))
     if len(dataset) == 0:
         raise RMTError(f"{root}/{split} has no images to evaluate")
-    if dataset.class_names is not None and dataset.class_names != class_names:
-        raise RMTError(f"the classes of {root} ({', '.join(dataset.class_names[:5])}...) are not the model's "
-                       f"({', '.join(class_names[:5])}...)")
     torch_device = resolve_device(device)
     model.to(torch_device)
     result = evaluate(model, dataset, len(class_names), torch_device, mode=mode or cfg.test_mode,

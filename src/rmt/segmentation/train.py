@@ -11,6 +11,7 @@ by mIoU). The run directory, resume, the optimizer step and signals are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -18,7 +19,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_segmentation
+from ..data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_segmentation, read_class_names
 from ..data.shapes import SPLITS, ensure_shapes
 from ..errors import RMTError
 from ..tools.draw import draw_segmentation
@@ -56,14 +57,16 @@ def class_names_for(found: Optional[List[str]], num_classes: Optional[int], wher
 
 
 def segmentation_data(cfg: SegConfig) -> SegmentationData:
-    """Training and validation sets of ``cfg`` (generating the shapes set when ``cfg.data`` is None)."""
+    """Training and validation sets of ``cfg`` (generating the shapes set when ``cfg.data`` is None), their
+    label maps checked against the class count."""
     root = ensure_shapes() if cfg.data is None else cfg.data
     train_split, val_split = SPLITS if cfg.data is None else (cfg.train_split, cfg.val_split)
+    names = class_names_for(read_class_names(Path(root)), cfg.num_classes, str(root))
     train_tf = SegTrainTransform(cfg.scale, cfg.ratio_range, cfg.crop_size, cfg.cat_max_ratio, cfg.hflip,
                                  cfg.photometric)
-    train = ADE20KDataset(root, train_split, train_tf, cfg.reduce_zero_label, cfg.max_train_samples)
-    val = ADE20KDataset(root, val_split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, cfg.max_val_samples)
-    names = class_names_for(train.class_names, cfg.num_classes, str(root))
+    train = ADE20KDataset(root, train_split, train_tf, cfg.reduce_zero_label, cfg.max_train_samples, len(names))
+    val = ADE20KDataset(root, val_split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, cfg.max_val_samples,
+                        len(names))
     return SegmentationData("shapes" if cfg.data is None else str(root), train, val, names)
 
 
@@ -89,8 +92,8 @@ def drawn_predictions(model: nn.Module, data: SegmentationData, cfg: SegConfig, 
 def train(cfg: SegConfig) -> RunResult:
     """Train a segmentor as ``cfg`` says (one process, or DDP under torchrun); returns the main process's summary."""
     output = default_output("seg", cfg.arch, cfg.backbone, data=cfg.data, demo="shapes")
+    data = segmentation_data(cfg)  # checked before the run directory is touched
     with TrainingRun(cfg, task="segmentation", spec=SPEC, default_output=output, command="rmt seg train") as run:
-        data = segmentation_data(cfg)
         arch, kwargs = segmentor_kwargs(cfg)
         model = build_segmentor(arch, num_classes=len(data.class_names), backbone_weights=cfg.backbone_weights,
                                 **kwargs)

@@ -89,7 +89,9 @@ def draw_segmentation(image: Image.Image, prediction: torch.Tensor, class_names:
 
 def picture_paths(images: Sequence[str | os.PathLike], output: Optional[str | os.PathLike], suffix: str) -> List[Path]:
     """Where the pictures of ``images`` go: ``output`` itself for one image and a ``.png`` name, else
-    ``output/<stem>_<suffix>.png`` (``output`` defaults to ``predictions``)."""
+    ``output/<stem>_<suffix>.png`` (``output`` defaults to ``predictions``); inputs that share a stem
+    (``a/x.png b/x.png``) get ``<stem>-2_<suffix>.png``, ``-3``, ... in the order given, so that no
+    picture overwrites another."""
     if output is not None and str(output).lower().endswith(".png"):
         if len(images) != 1:
             raise RMTError(f"--output {output} is one file, but {len(images)} images were given: pass a folder")
@@ -97,7 +99,16 @@ def picture_paths(images: Sequence[str | os.PathLike], output: Optional[str | os
     folder = Path(output) if output is not None else Path("predictions")
     if folder.exists() and not folder.is_dir():
         raise RMTError(f"--output {folder} is a file; pass a folder for the pictures (or a .png name for one image)")
-    return [folder / f"{Path(p).stem}_{suffix}.png" for p in images]
+    taken, paths = set(), []
+    for image in images:
+        stem, k = Path(image).stem, 1
+        name = f"{stem}_{suffix}.png"
+        while name.lower() in taken:  # lower case: x.png and X.png are one file on some file systems
+            k += 1
+            name = f"{stem}-{k}_{suffix}.png"
+        taken.add(name.lower())
+        paths.append(folder / name)
+    return paths
 
 
 def images_to_draw(images: Sequence[str | os.PathLike], output: Optional[str | os.PathLike], suffix: str

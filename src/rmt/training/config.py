@@ -13,7 +13,10 @@ One mechanism, parametrised by the task's dataclass:
   :func:`flag_overrides` reads back the ones given;
 * :meth:`RunConfig.check` is where a task adds checks that span several fields.
 
-Unknown keys and bad values raise :class:`rmt.errors.RMTError` naming the key. The resolved config
+Unknown keys and bad values raise :class:`rmt.errors.RMTError` naming the key, in one short line
+(values are quoted shortened). Reading is bounded: YAML aliases may expand a file to at most
+:data:`MAX_YAML_VALUES` values (an "alias bomb" of a few hundred bytes would otherwise expand to
+billions), and a config must be a regular file (a FIFO is refused, not waited on). The resolved config
 is saved with each run (``config.yaml``) and in its checkpoints.
 
 :class:`RunConfig` holds the fields that every task's training has (data splits, the optimizer
@@ -32,7 +35,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
 
 import yaml
 
-from ..errors import RMTError, did_you_mean
+from ..errors import RMTError, did_you_mean, shorten
 from ..files import atomic_write_text
 from .tracking import LOG_TO_CHOICES
 
@@ -222,7 +225,7 @@ def _coerce(cls: Type[RunConfig], name: str, value: Any) -> Any:
             return tuple(items) if origin is tuple else items
         return _scalar(kind, value)
     except (TypeError, ValueError, OverflowError):
-        raise RMTError(f"config key {name!r}: {value!r} is not a valid {_describe_type(kind)}") from None
+        raise RMTError(f"config key {name!r}: {shorten(value)} is not a valid {_describe_type(kind)}") from None
 
 
 def _describe_type(kind: Any) -> str:
@@ -240,7 +243,7 @@ def _checked(cls: Type[RunConfig], data: Dict[str, Any], source: str) -> Dict[st
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise RMTError(f"{source}: unknown config key {key!r}{did_you_mean(name, known)}")
+            raise RMTError(f"{source}: unknown config key {shorten(key)}{did_you_mean(name[:100], known)}")
         out[name] = _coerce(cls, name, value)
     return out
 
@@ -257,6 +260,8 @@ def resolve_config(cls: Type[RunConfig], name: str, relative_to: Optional[Path] 
     for candidate in ([relative_to.parent / name] if relative_to is not None else []) + [Path(name)]:
         if candidate.is_file():
             return candidate
+        if candidate.exists() and not candidate.is_dir():  # a FIFO, a device: reading it could block
+            raise RMTError(f"config {shorten(name, 200)}: not a regular file")
     stem = Path(name).name.removesuffix(".yaml")
     if cls.alias:
         stem = stem.removeprefix(f"{cls.alias}_")
@@ -268,13 +273,59 @@ def resolve_config(cls: Type[RunConfig], name: str, relative_to: Optional[Path] 
                    f"{did_you_mean(stem, known)} ({', '.join(known)})")
 
 
+MAX_YAML_VALUES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand it past :data:`MAX_YAML_VALUES`
+    values (nodes counted with every alias expanded) or refer to themselves."""
+
+    def construct_document(self, node):
+        _expanded_size(node)
+        return super().construct_document(node)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes of ``root`` with aliases expanded, counted without expanding them (each shared node once,
+    times its uses); :class:`RMTError` past the limit or on a node that contains itself."""
+    sizes: Dict[int, int] = {}
+    stack: List[Tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise RMTError(f"more than {MAX_YAML_VALUES} values once its YAML aliases are expanded "
+                               f"(an alias bomb?)")
+            continue
+        if id(node) in open_nodes:
+            raise RMTError("a YAML alias refers to the node that contains it")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise RMTError("a YAML alias refers to the node that contains it")
+            stack.append((child, False))
+    return sizes[id(root)]
+
+
 def _read_yaml(path: Path) -> Dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_BoundedLoader) or {}
+    except RMTError as e:
+        raise RMTError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise RMTError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise RMTError(f"{path}: not valid YAML ({shorten(str(e).splitlines()[0], 200)})") from None
+    except RecursionError:
+        raise RMTError(f"{path}: not a config: YAML nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise RMTError(f"{path}: cannot read it ({e})") from None
+        raise RMTError(f"{path}: cannot read it ({shorten(str(e), 200)})") from None
     if not isinstance(data, dict):
         raise RMTError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
     return data

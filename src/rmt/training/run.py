@@ -2,8 +2,9 @@
 
 A task's ``train(cfg)`` looks like this (classification, detection and segmentation all do)::
 
+    data = ...                                           # datasets, checked: before the run directory exists
     with TrainingRun(cfg, task="...", spec=RoundSpec(...), default_output=...) as run:
-        data = ...; model = ...                          # may fail: nothing is written yet
+        model = ...                                      # may fail: nothing is written yet
         model, ddp = run.prepare_model(model)            # device, SyncBN, DDP
         optimizer, scheduler = ...
         run.begin(model, optimizer, scheduler, meta=...)  # resume or start; config.yaml
