@@ -6,6 +6,7 @@ mmseg 0.13) with seeded synthetic weights: see tests/data/dense_golden/README.md
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from golden import official_state_dict
 from rmt.errors import RMTError
 from rmt.models.backbone import RMTBackbone, official_backbone_state
+from rmt.segmentation.models import segmentor_from_checkpoint
 
 DENSE = Path(__file__).parent / "data" / "dense_golden"
 REL = 1e-4  # relative tolerance on sums / values (float32 round-off)
@@ -43,7 +45,9 @@ def dense_state_dict(keys) -> dict:
     class-score adjustments of README.md ("Weights")."""
     state = official_state_dict(keys)
     for key in state:
-        if key.endswith("fc_cls.weight"):
+        if re.search(r"bbox_head\.\d+\.fc_cls\.weight$", key):  # cascade stages
+            state[key] = state[key] * 3.5
+        elif key.endswith("fc_cls.weight"):
             state[key] = state[key] * 0.5
         elif key.endswith("retina_cls.bias"):
             state[key] = state[key] + -math.log((1 - 0.01) / 0.01)
@@ -113,3 +117,44 @@ def test_official_backbone_state_keys():
     with pytest.raises(RMTError, match="no official RMT backbone"):
         official_backbone_state({"model.layers.0.x": torch.zeros(1)})
 
+
+def save_official_dense_checkpoint(path: Path, state: dict, classes, config_text: str) -> Path:
+    """A file as the official tools save it (mmcv ``save_checkpoint``; README.md of the golden data)."""
+    meta = {"mmcv_version": "1.3.8", "time": "Sun Jan  1 00:00:00 2023", "CLASSES": tuple(classes),
+            "config": config_text, "mmseg_version": "0.13.0+0000000", "epoch": 1, "iter": 160000}
+    torch.save({"meta": meta, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return path
+
+
+@pytest.mark.parametrize("name,arch", [("fpn_t", "semantic_fpn")])
+def test_official_segmentor_file_matches_official_code(tmp_path, name, arch):
+    """An official-format segmentation checkpoint, loaded by segmentor_from_checkpoint, gives the
+    official features, decode-head logits, probabilities (after the official two resizes: to the input,
+    then to the original size) and map on the pipeline-free golden case."""
+    data = load_dense_golden(f"{name}_tensor")
+    classes = [f"c{i}" for i in range(150)]
+    path = save_official_dense_checkpoint(tmp_path / "official.pth", dense_state_dict(data["keys"]), classes,
+                                          "model = dict(type='EncoderDecoder')")
+    model, cfg, class_names = segmentor_from_checkpoint(path)
+    assert (cfg.arch, cfg.backbone, class_names) == (arch, "rmt_t", classes)
+    x = torch.randn(data["input_shape"], generator=torch.Generator().manual_seed(data["input_seed"]))
+    with torch.no_grad():
+        feats = model.backbone(x)
+        for i, (f, ref) in enumerate(zip(feats.values(), data["calls"]["backbone"][0])):
+            assert_summary(f, ref, f"backbone level {i}")
+        if model.neck is not None:
+            for i, (f, ref) in enumerate(zip(model.neck(feats).values(), data["calls"]["neck"][0])):
+                assert_summary(f, ref, f"neck level {i}")
+        _, decoded = model._features(x)
+        assert_summary(model.decode_head(decoded), data["calls"]["decode_head"][0], "decode head")
+        prob = model.inference(x, output_size=data["meta"]["ori_shape"][:2]).softmax(1)
+    assert_summary(prob, data["seg_prob"], "probabilities")
+    assert prob.argmax(1)[0].flatten().tolist() == data["seg"]
+
+
+def test_unrecognised_official_segmentor_file(tmp_path):
+    state = {"decode_head.conv_seg.weight": torch.zeros(3, 8, 1, 1), "decode_head.scale_heads.0.0.conv.weight":
+             torch.zeros(8, 8, 3, 3), "backbone.layers.0.blocks.0.retention_layer_norm.weight": torch.zeros(48)}
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "odd.pth")
+    with pytest.raises(RMTError, match="backbone not recognised"):
+        segmentor_from_checkpoint(tmp_path / "odd.pth")
