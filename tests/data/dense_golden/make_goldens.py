@@ -15,7 +15,7 @@ Environment (what produced the committed data)::
         git --git-dir=<mirror of github.com/qhfan/RMT> archive 32ea21417a4d82ba6481f930f94cb4696dda0a8e \\
         detect segmentation | tar x
 
-Run (from the repository root; about 10 minutes on 2 CPU cores)::
+Run (from the repository root; about half an hour on 2 shared CPU cores)::
 
     /work/venv-mm/bin/python tests/data/dense_golden/make_goldens.py --official /work/rmt-official
 
@@ -117,7 +117,7 @@ def install_shims(family: str) -> None:
         # order; the kept indices are returned in that order. torchvision.ops.nms computes exactly this (same
         # area without +1, same strict '>' test, same descending sort). mmcv's CPU kernel sorts with
         # scores.sort(descending=True) like torchvision; exact score ties are the only place the two could
-        # order differently, and the generator checks there are none among the kept detections.
+        # order differently; the generator records ties among the kept detections (score_ties: none).
         if offset != 0:
             raise RuntimeError("nms with offset=1 (legacy mmdet 1.x box convention) is not mapped")
         return torchvision.ops.nms(bboxes, scores, float(iou_threshold))
