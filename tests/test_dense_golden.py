@@ -126,8 +126,7 @@ def save_official_dense_checkpoint(path: Path, state: dict, classes, config_text
     return path
 
 
-@pytest.mark.parametrize("name,arch", [("fpn_t", "semantic_fpn"),
-                                       pytest.param("uper_t", "upernet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,arch", [("fpn_t", "semantic_fpn"), ("uper_t", "upernet")])
 def test_official_segmentor_file_matches_official_code(tmp_path, name, arch):
     """An official-format segmentation checkpoint, loaded by segmentor_from_checkpoint, gives the
     official features, decode-head logits, probabilities (after the official two resizes: to the input,
