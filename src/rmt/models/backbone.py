@@ -3,13 +3,21 @@
 :class:`RMTBackbone` wraps the classification network (:class:`rmt.models.RMT`, without its
 classifier) and returns an ``OrderedDict`` of the requested stage outputs, named ``"0"``, ``"1"``,
 ... in the torchvision convention, so that torchvision's ``FeaturePyramidNetwork`` and
-``MultiScaleRoIAlign`` take it as is. Like the reference's dense backbones, each output level
-goes through its own LayerNorm (``eps=1e-6``, over channels) that the ImageNet checkpoints do not
+``MultiScaleRoIAlign`` take it as is. Like the reference's dense backbones (``extra_norms`` in
+``detect/mmdet/models/backbones/RMT.py``), each output level goes through its own LayerNorm
+(``nn.LayerNorm``'s default ``eps=1e-5``, over channels) that the ImageNet checkpoints do not
 have: those norms, and nothing else, are reported as missing when ImageNet weights are loaded.
+:func:`official_backbone_state` maps the backbone of an official detection/segmentation
+checkpoint onto this module; with it the features equal the official code's (eval and train mode,
+tests/test_dense_golden.py).
 
 Options the reference's detection and segmentation configs use: stochastic depth, which stages
 run decomposed MaSA (the variant's own choice unless ``decomposed`` overrides it), BatchNorm
-layers frozen in eval mode (``norm_eval``), and frozen early stages (``frozen_stages``).
+layers frozen in eval mode (``norm_eval``), and frozen early stages (``frozen_stages``). The
+official dense configs set ``norm_eval=True``, but there it only calls ``.eval()`` on
+``nn.BatchNorm2d`` instances while the official backbone's norms are ``nn.SyncBatchNorm`` (not a
+subclass): they train with batch statistics. ``norm_eval=False`` (our default) is what the official
+models actually did.
 """
 from __future__ import annotations
 
@@ -23,9 +31,9 @@ from torch import nn
 
 from ..errors import RMTError
 from .factory import create_model
-from .weights import load_matching_weights, read_state_dict
+from .weights import load_matching_weights, read_state_dict, remap_official_keys
 
-__all__ = ["RMTBackbone", "load_backbone_weights"]
+__all__ = ["RMTBackbone", "load_backbone_weights", "official_backbone_state"]
 
 _logger = logging.getLogger(__name__)
 
@@ -86,7 +94,7 @@ class RMTBackbone(nn.Module):
         dims = [info["num_chs"] for info in body.feature_info]
         self.out_channels: List[int] = [dims[i] for i in out_indices]
         self.strides: List[int] = [body.feature_info[i]["reduction"] for i in out_indices]
-        self.norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6) for c in self.out_channels)
+        self.norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-5) for c in self.out_channels)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.load_report: Optional[Dict[str, List[str]]] = None
@@ -156,6 +164,30 @@ def load_backbone_weights(backbone: RMTBackbone, path: str | os.PathLike, prefix
                  len(result["loaded"]), len(result["missing"]), _few(result["missing"]), len(result["unexpected"]),
                  _few(result["unexpected"]))
     return result
+
+
+def official_backbone_state(state_dict: Dict[str, torch.Tensor], out_indices: Sequence[int] = (0, 1, 2, 3),
+                            prefix: str = "backbone.") -> Dict[str, torch.Tensor]:
+    """The ``prefix`` sub-tree of an official mmdet/mmseg state dict (the dense ``RMT`` backbone: the
+    classification layout plus ``extra_norms.i``) as :class:`RMTBackbone` keys: ``body.`` + our
+    classification keys (:func:`rmt.models.weights.remap_official_keys`), and ``norms.k`` from
+    ``extra_norms[out_indices[k]]`` (RetinaNet's backbone returns levels 1-3: its ``extra_norms.0``
+    is unused by the official model too and is dropped here)."""
+    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not any(k.startswith("layers.") for k in sub):
+        raise RMTError(f"no official RMT backbone under {prefix!r} (expected keys like {prefix}layers.0.blocks.0...)")
+    norms = {}
+    body = {}
+    for key, value in sub.items():
+        if key.startswith("extra_norms."):
+            level, rest = key[len("extra_norms."):].split(".", 1)
+            if int(level) in out_indices:
+                norms[f"norms.{list(out_indices).index(int(level))}.{rest}"] = value
+        else:
+            body[key] = value
+    out = {"body." + k: v for k, v in remap_official_keys(body).items()}
+    out.update(norms)
+    return out
 
 
 def _dense_run_prefix(state_dict: Dict[str, torch.Tensor]) -> str:

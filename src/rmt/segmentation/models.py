@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,13 +22,15 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from ..data.ade20k import IGNORE_INDEX
 from ..errors import RMTError, did_you_mean
-from ..models.backbone import RMTBackbone
-from ..models.weights import read_weights
+from ..models.backbone import RMTBackbone, official_backbone_state
+from ..models.rmt import MODEL_ARGS, guess_variant
+from ..models.weights import META_KEY, infer_arch, read_checkpoint, read_weights
 from ..training.config import config_from_dict
 from .config import ARCHS, SegConfig
 from .heads import FCNHead, SemanticFPNHead, UPerHead, upsample
 
-__all__ = ["Segmentor", "build_segmentor", "ARCHS", "slide_inference", "segmentor_kwargs", "segmentor_from_checkpoint"]
+__all__ = ["Segmentor", "build_segmentor", "ARCHS", "slide_inference", "segmentor_kwargs", "segmentor_from_checkpoint",
+           "official_segmentor_state"]
 
 
 
@@ -164,11 +167,81 @@ def segmentor_kwargs(cfg) -> Tuple[str, Dict]:
 
 def segmentor_from_checkpoint(path: str | os.PathLike) -> Tuple[nn.Module, SegConfig, List[str]]:
     """``(model in eval mode, SegConfig, class names)`` from a segmentation run's ``model.safetensors`` or
-    ``best.pth``/``last.pth``."""
+    ``best.pth``/``last.pth``, or from an official (mmseg) RMT Semantic FPN / UperNet checkpoint."""
+    official = _official_checkpoint(path)
+    if official is not None:
+        return official
     state, meta = read_weights(path, task="segmentation")
     cfg = config_from_dict(SegConfig, meta["config"])
     class_names = list(meta["class_names"])
     arch, kwargs = segmentor_kwargs(cfg)
     model = build_segmentor(arch, num_classes=len(class_names), **kwargs)
     model.load_state_dict(state)
+    return model.eval(), cfg, class_names
+
+
+# mmseg (the official segmentation code) -> our module names, applied in order to keys outside the backbone
+_OFFICIAL_SEG_RENAMES = (
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"neck.inner_blocks.\1.0."),
+    (r"^neck\.fpn_convs\.(\d+)\.conv\.", r"neck.layer_blocks.\1.0."),
+    (r"^auxiliary_head\.", "aux_head."),
+    (r"^(decode_head|aux_head)\.conv_seg\.", r"\1.classifier.1."),
+    (r"^decode_head\.psp_modules\.(\d+)\.1\.", r"decode_head.ppm.branches.\1.1."),
+    (r"^decode_head\.bottleneck\.", "decode_head.ppm_bottleneck."),
+    (r"^(decode_head|aux_head)\.(.*)\.conv\.", r"\1.\2.0."),  # ConvModule: conv, bn -> Conv2dNormActivation
+    (r"^(decode_head|aux_head)\.(.*)\.bn\.", r"\1.\2.1."),
+)
+
+
+def official_segmentor_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An official (mmseg 0.13) RMT Semantic FPN / UperNet state dict in our :class:`Segmentor` layout:
+    the backbone through :func:`rmt.models.backbone.official_backbone_state`, the FPN neck's and the
+    heads' ``ConvModule`` (``conv``/``bn``) and ``conv_seg`` keys renamed."""
+    out = {"backbone." + k: v for k, v in official_backbone_state(state_dict).items()}
+    for key, value in state_dict.items():
+        if key.startswith("backbone."):
+            continue
+        for pattern, repl in _OFFICIAL_SEG_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _official_checkpoint(path: str | os.PathLike) -> Optional[Tuple[nn.Module, SegConfig, List[str]]]:
+    """An official segmentation checkpoint (mmcv ``{"meta", "state_dict", "optimizer"}``, mmseg keys) as
+    our model; ``None`` for any other file. Architecture, variant and class count come from the keys and
+    shapes, class names from ``meta["CLASSES"]`` (else ``class_<i>``)."""
+    raw = read_checkpoint(path) if os.fspath(path).endswith((".pth", ".pt", ".bin")) else None
+    state = raw.get("state_dict") if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or "decode_head.conv_seg.weight" not in state:
+        return None
+    if any(k.startswith("decode_head.psp_modules.") for k in state):
+        arch = "upernet"
+    elif any(k.startswith("decode_head.scale_heads.") for k in state):
+        arch = "semantic_fpn"
+    else:
+        raise RMTError(f"{path}: an mmseg checkpoint, but its decode head is neither UperNet (psp_modules) nor "
+                       f"Semantic FPN (scale_heads)")
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    variant = guess_variant(backbone)
+    if variant is None or variant.endswith("_tl"):
+        arch_found = infer_arch(backbone)
+        raise RMTError(f"{path}: backbone not recognised (found {arch_found or 'no RMT stages'}); "
+                       f"expected one of {', '.join(MODEL_ARGS)}")
+    num_classes = state["decode_head.conv_seg.weight"].shape[0]
+    meta = raw.get(META_KEY) if isinstance(raw.get(META_KEY), dict) else {}
+    classes = meta.get("CLASSES")
+    class_names = [str(c) for c in classes] if classes is not None and len(classes) == num_classes else \
+        [f"class_{i}" for i in range(num_classes)]
+    aux = any(k.startswith("auxiliary_head.") for k in state)
+    cfg = config_from_dict(SegConfig, dict(arch=arch, backbone=variant, num_classes=num_classes,
+                                           aux_weight=0.4 if aux else 0.0))
+    name, kwargs = segmentor_kwargs(cfg)
+    model = build_segmentor(name, num_classes=num_classes, **kwargs)
+    mapped = official_segmentor_state(state)
+    missing, unexpected = set(model.state_dict()) - set(mapped), set(mapped) - set(model.state_dict())
+    if missing or unexpected:
+        raise RMTError(f"{path}: official {arch} {variant} checkpoint does not fit: missing "
+                       f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(mapped)
     return model.eval(), cfg, class_names
