@@ -160,3 +160,49 @@ def test_cli_other_formats_of_a_run_checkpoint(run_checkpoint, tmp_path, capsys,
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out} ({fmt}, example input 3x64x64; dynamic: batch, height, width)")
     assert "input 1x3x96x128: max abs diff vs PyTorch" in printed and "verified: max abs diff" in printed
+
+
+def _traced_with_check(model, images):
+    """``torch.jit.trace`` with its default check, which traces again (under ``no_grad``) and compares graphs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)  # torch.jit is deprecated
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        return torch.jit.trace(model, images)
+
+
+def test_jit_trace_passes_its_own_check(tiny):
+    """The traced graph depends on the input's shape only, not on grad mode or the table cache: the
+    fast paths pick their fusions by grad mode, which made the check's second trace differ."""
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tiny(images)  # tables cached by an eager call first, as in a user's session
+    traced = _traced_with_check(tiny, images)
+    with torch.no_grad():
+        assert (traced(images) - tiny(images)).abs().max() <= ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,token_label", [("rmt_t", False), ("rmt_s", False), ("rmt_b", False),
+                                              ("rmt_l", False), ("rmt_s", True)])
+def test_jit_trace_passes_its_check_on_every_variant(name, token_label):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, token_label=token_label).eval()
+    images = torch.randn(1, 3, 64, 64)
+    traced = _traced_with_check(model, images)
+    with torch.no_grad():
+        assert (traced(images) - model(images)).abs().max() <= ATOL
+
+
+@pytest.mark.slow
+def test_openvino_convert_model_of_a_timm_model():
+    """How OpenVINO users convert timm models: ``convert_model(model, example_input=x)`` traces it."""
+    ov = pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    model = timm.create_model("rmt_t", num_classes=10).eval()
+    images = torch.randn(1, 3, 64, 64)
+    compiled = ov.Core().compile_model(ov.convert_model(model, example_input=images), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    with torch.no_grad():
+        expected = model(images)
+    assert (torch.from_numpy(compiled(images.numpy())[0]) - expected).abs().max() <= ATOL

@@ -75,14 +75,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _plain_ops_only(x: torch.Tensor) -> bool:
     """Whether ``x`` carries no values for a fast path to work on: a symbolic value of an FX trace
-    (the graph must record plain ops) or a meta tensor (shapes only).
+    (the graph must record plain ops), a meta tensor (shapes only), or a ``torch.jit.trace``
+    (``openvino.convert_model`` traces so too): the traced graph must not depend on anything but the
+    input's shape -- not on grad mode (the fast paths pick their fusions by it) nor on the table cache --
+    or the tracer's check, which traces again under ``no_grad``, finds two different graphs.
 
     (Scripting is tested with ``torch.jit.is_scripting()`` at the call site, where TorchScript
     resolves it before compiling the branches.)
     """
     if torch.jit.is_scripting():
         return False
-    return isinstance(x, torch.fx.Proxy) or x.is_meta
+    return isinstance(x, torch.fx.Proxy) or x.is_meta or torch.jit.is_tracing()
 
 
 class RelPos2d(nn.Module):
