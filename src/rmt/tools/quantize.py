@@ -24,6 +24,8 @@ Where the images come from:
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import random
@@ -347,8 +349,9 @@ def quantize_openvino(float_path: str | os.PathLike, int8_path: str | os.PathLik
         raise RMTError("no calibration images could be read")
     logging.getLogger("nncf").setLevel(logging.ERROR)  # its progress lines and notes: the outcome is reported
     model = ov.Core().read_model(str(float_path))
-    quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=sum(b.shape[0] for b in calibration))
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars: `--json` output stays JSON
+        quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=sum(b.shape[0] for b in calibration))
     save_openvino(quantized, int8_path)
     return Path(int8_path)
 
