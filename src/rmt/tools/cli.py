@@ -259,7 +259,7 @@ def _add_export(sub) -> None:
                    help="largest max abs difference accepted (default: 1e-4)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("--opset", type=positive_int, default=None,
-                   help="ONNX opset (default 23: MaSA as ONNX's Attention and RotaryEmbedding operators; "
+                   help="ONNX opset (default 23: MaSA's attention as ONNX's Attention operator; "
                    "an earlier opset writes it in plain ops)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=_cmd_export)

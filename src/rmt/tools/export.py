@@ -33,10 +33,10 @@ that need constant weights (ONNX Runtime's quantizer, TensorRT) see them.
 size ahead of time (:func:`freeze_masa_tables`): they become initializers, and the graph holds no
 size arithmetic and no control flow -- what TensorRT builders want.
 
-ONNX exports at opset 23 or later (the default) write MaSA as ONNX's ``RotaryEmbedding`` and
-``Attention`` operators (:meth:`rmt.models.masa.MaSA.forward`), which ONNX Runtime runs as single
-kernels; an earlier ``opset`` (for runtimes without those operators) gets the same arithmetic in
-plain ops (``MatMul``, ``Softmax``, ...).
+ONNX exports at opset 23 or later (the default) write MaSA's passes as ONNX's ``Attention``
+operator (the export form, :meth:`rmt.models.masa.MaSA.reparameterize`: its rotation is a multiply-add),
+which ONNX Runtime runs as single kernels; an earlier ``opset`` (for runtimes without those operators)
+gets the same arithmetic in plain ops (``MatMul``, ``Softmax``, ...).
 
 OpenVINO exports are made by ``openvino.convert_model`` from the export form of the model (weights
 folded, MaSA tables of the example's size as constants, see :func:`freeze_masa_tables`): a dynamic
