@@ -14,10 +14,10 @@ from rmt.data import DigitsDataset, collate_skip_bad
 from rmt.errors import RMTError
 from rmt.models.fast.ops import fused_linear, linear_chunks
 from rmt.models.hub import save_hub_folder
-from rmt.models.masa import TokenConv
-from rmt.tools.benchmark import _OnnxRunner, benchmark, profile_onnx
+from rmt.models.masa import MaSA, TokenConv
+from rmt.tools.benchmark import _OnnxRunner, _OpenVINORunner, benchmark, profile_onnx
 from rmt.tools.export import export_model, fold_for_export, freeze_masa_tables, load_exported
-from rmt.tools.quantize import OnnxRuntimeModel, quantize_linear_dynamic
+from rmt.tools.quantize import OnnxRuntimeModel, OpenVINOModel, quantize_linear_dynamic
 
 DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
                  "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "grayscale": True}
@@ -51,6 +51,25 @@ def test_fold_keeps_outputs_and_removes_computed_weights(tiny):
         assert (folded(images) - tiny(images)).abs().max() < 1e-5
 
 
+def test_export_form_of_masa(tiny):
+    """MaSA's export form: the pair swap and the scale folded into a 5C projection, attention as
+    softmax(q k^T + decay) v with scale 1; the same logits eagerly and in a plain-ops trace (the path
+    exporters take), full and decomposed MaSA alike."""
+    folded = fold_for_export(tiny)
+    layers = [m for m in folded.modules() if isinstance(m, MaSA)]
+    assert {m.decomposed for m in layers} == {True, False}
+    assert all(m.reparameterized and m.qkv.out_features == 5 * m.qkv.in_features for m in layers)
+    assert not any(m.reparameterized for m in tiny.modules() if isinstance(m, MaSA))
+    images = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = tiny(images)
+        assert (folded(images) - expected).abs().max() < 1e-5
+        traced = torch.jit.trace(folded, images, check_trace=False)
+        assert (traced(images) - expected).abs().max() < 1e-5
+    graph = str(traced.inlined_graph)
+    assert "aten::scaled_dot_product_attention" in graph and "aten::flip" not in graph  # no pair swap left
+
+
 def test_static_graph_for_accelerators(tiny, tmp_path, capsys):
     out = tmp_path / "static.onnx"
     result = export_model(tiny, out, "onnx", img_size=(64, 96), static=True, batch_size=2)
@@ -61,29 +80,28 @@ def test_static_graph_for_accelerators(tiny, tmp_path, capsys):
     for value in list(graph.input) + list(graph.output):
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
         assert all(isinstance(d, int) and d > 0 for d in dims), (value.name, dims)
-    # MaSA as ONNX operators (opset 23), one rotation per query and key, one attention per pass
+    # MaSA's attention as ONNX's operator (opset 23), one per pass; the rotation, folded into the projection
+    # (MaSA.reparameterize), is a multiply-add
     blocks = [b for stage in tiny.layers for b in stage.blocks]
     decomposed = sum(b.retention.decomposed for b in blocks)
-    assert ops["RotaryEmbedding"] == 2 * len(blocks) and ops["Attention"] == len(blocks) + decomposed, ops
+    assert "RotaryEmbedding" not in ops and ops["Attention"] == len(blocks) + decomposed, ops
     assert "Softmax" not in ops, ops
-    # every stage's tables are in the file as constants, in the form the operators take: the rotation
-    # caches (each pair's angle once), the decay biases (columns: one copy per head; the exporter leaves
-    # a slice of a large table unfolded, which runtimes fold when they load the graph)
+    # every stage's tables are in the file as constants: no rotation is computed in the graph, and the
+    # decay biases are initializers (columns: one copy per head; the exporter leaves a slice of a large
+    # table unfolded, which runtimes fold when they load the graph)
+    assert not {"Cos", "Sin"} & set(ops), ops
     initializers = {i.name for i in graph.initializer}
     assert all(n.input[0] in initializers for n in graph.node if n.op_type == "Slice")
     constants = [torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in graph.initializer]
     frozen = freeze_masa_tables(fold_for_export(tiny), torch.zeros(1, 3, 64, 96))
     for stage in frozen.layers:
         tables, heads = stage.relpos, stage.blocks[0].retention.num_heads
-        tokens, key_dim = tables.grid[0] * tables.grid[1], tables.cos.shape[-1]
-        expected = {"cos": tables.cos.reshape(tokens, key_dim)[:, ::2],
-                    "sin": tables.sin.reshape(tokens, key_dim)[:, 1::2], "bias": tables.bias}
-        if tables.bias_h is not None:
-            expected["bias_h"] = tables.bias_h[:, :heads]
-        for name, table in expected.items():
-            sliced = name == "bias_h"  # the whole table is there, or the slice of it the graph uses
-            assert any(c.shape == table.shape and torch.equal(c, table) or sliced and c.shape == tables.bias_h.shape
-                       and torch.equal(c, tables.bias_h) for c in constants), (tables.grid, name)
+        expected = {"bias": [tables.bias]}
+        if tables.bias_h is not None:  # the whole table is there, or the slice of it the graph uses
+            expected["bias_h"] = [tables.bias_h[:, :heads], tables.bias_h]
+        for name, candidates in expected.items():
+            assert any(c.shape == t.shape and torch.equal(c, t) for t in candidates for c in constants), \
+                (tables.grid, name)
     # and it runs in ONNX Runtime like PyTorch, on new inputs of its shape
     images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -171,6 +189,67 @@ def test_int8_user_errors(tiny_digits_folder, tmp_path, capsys):
         assert len(err) == 1 and message in err[0], (flags, err)
 
 
+@pytest.fixture(scope="module")
+def openvino_int8_export(tiny, tmp_path_factory):
+    """The tiny model as a digits model read at 64 px (OpenVINO exports need a last stage of more than one token)."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    folder = save_hub_folder(tiny, tmp_path_factory.mktemp("tiny64") / "digits", model_name="rmt_t",
+                             class_names=DigitsDataset.classes, data_config=dict(DIGITS_CONFIG, input_size=[3, 64, 64]))
+    out = tmp_path_factory.mktemp("ov") / "int8.xml"
+    return export_model(None, out, "openvino", checkpoint=folder, quantize="int8", calib_images=64)
+
+
+def test_openvino_float_and_int8_on_the_runs_own_data(tiny, openvino_int8_export):
+    """--format openvino: the float32 IR matches PyTorch (dynamic batch, fixed size), its MaSA is
+    OpenVINO's fused attention; --quantize int8 quantizes it with NNCF on the digits train split and
+    reports both accuracies on the test split, the float32 one equal to PyTorch's."""
+    import openvino as ov
+
+    result, out = openvino_int8_export, openvino_int8_export.path
+    q = result.quantization
+    assert result.format == "openvino" and result.dynamic == ["batch"] and result.max_abs_diff < 1e-4
+    assert q["float_path"] == str(out.parent / "int8.fp32.xml") and (out.parent / "int8.fp32.bin").is_file()
+    assert q["calibration"] == "the digits train split" and q["calib_images"] == 64
+    assert q["evaluation"] == "the digits test split" and q["eval_images"] == 360
+    test_set = DigitsDataset("test", img_size=64)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=64, collate_fn=collate_skip_bad)
+    torch_acc = evaluate(tiny, loader, torch.device("cpu"), progress=False)
+    assert q["float_top1"] == pytest.approx(torch_acc["top1"])
+    assert abs(q["int8_top1"] - q["float_top1"]) < 5 and q["agreement"] > 90
+    core = ov.Core()
+    float_ops = Counter(op.get_type_name() for op in core.read_model(q["float_path"]).get_ops())
+    assert float_ops["ScaledDotProductAttention"] > 0 and not float_ops["Slice"], float_ops
+    int8_ops = Counter(op.get_type_name() for op in core.read_model(str(out)).get_ops())
+    assert int8_ops["FakeQuantize"] + int8_ops["FakeConvert"] > 0, int8_ops
+    fresh = evaluate(OpenVINOModel(out), loader, torch.device("cpu"), progress=False)
+    assert fresh["top1"] == pytest.approx(q["int8_top1"])
+    run = load_exported(q["float_path"])  # read back by its suffix, any batch
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert (run(images) - tiny(images)).abs().max() < 1e-4
+
+
+def test_openvino_user_errors(tiny, tmp_path, capsys):
+    with pytest.raises(RMTError, match="written to a .xml file"):
+        export_model(tiny, tmp_path / "m.onnx", "openvino", img_size=(64, 64))
+    with pytest.raises(RMTError, match="needs an input of at least 33 px"):
+        export_model(tiny, tmp_path / "m.xml", "openvino", img_size=(32, 32))
+    with pytest.raises(RMTError, match="OpenVINO export has a fixed height and width"):
+        export_model(tiny, tmp_path / "m.xml", "openvino", img_size=(64, 64), dynamic_size=True)
+    with pytest.raises(RMTError, match="--static is for --format onnx"):
+        export_model(tiny, tmp_path / "m.xml", "openvino", static=True)
+
+
+def test_openvino_runner(tiny, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    runner = _OpenVINORunner("tiny", tiny, "openvino", 2, (64, 64), tmp_path)
+    assert runner.path.name == "tiny_b2_64x64.xml" and runner.parity < 1e-4 and runner.timed() > 0
+    int8 = _OpenVINORunner("tiny", tiny, "openvino-int8", 2, (64, 64), tmp_path)
+    assert int8.path.name == "tiny_b2_64x64.int8.xml" and int8.timed() > 0 and int8.parity is None
+
+
 def test_onnxruntime_runner_and_profile(tiny, tmp_path):
     runner = _OnnxRunner("tiny", tiny, "onnxruntime", 2, (32, 32), tmp_path)
     assert runner.parity < 1e-4 and runner.timed() > 0
@@ -178,7 +257,8 @@ def test_onnxruntime_runner_and_profile(tiny, tmp_path):
     assert int8.path.name == "tiny_b2_32x32.int8.onnx" and int8.timed() > 0
     rows = profile_onnx(runner.path, 2, (32, 32), iters=2)
     ops = {r["op"] for r in rows}
-    assert {"Attention", "RotaryEmbedding", "Gemm"} <= ops, ops  # MaSA's operators are timed as such
+    # MaSA's attention is ONNX's operator; its rotation, folded into the projection, is a multiply-add
+    assert {"Attention", "Gemm"} <= ops and "RotaryEmbedding" not in ops, ops
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     assert all(r["ms"] >= 0 and r["nodes"] >= 1 for r in rows)
 
@@ -209,8 +289,9 @@ def test_pytorch_dynamic_int8(tiny):
 
 def test_benchmark_eager_int8_backend():
     rows = benchmark(["rmt_t"], batch_size=1, img_size=(32, 32), iters=1, warmup=0, memory=False,
-                     backends=("eager", "eager-int8"))
-    assert [(r.model, r.backend) for r in rows] == [("rmt_t", "eager"), ("rmt_t", "eager-int8")]
+                     backends=("eager", "eager-bf16", "eager-int8"))
+    assert [(r.model, r.backend, r.amp) for r in rows] == [("rmt_t", "eager", None), ("rmt_t", "eager-bf16", "bf16"),
+                                                          ("rmt_t", "eager-int8", None)]
     assert all(r.img_per_s > 0 for r in rows)
     with pytest.raises(RMTError, match="eager-int8 times inference only"):
         benchmark(["rmt_t"], backends=("eager-int8",), mode="train")
@@ -223,6 +304,8 @@ def test_benchmark_backend_errors(capsys):
         benchmark(["rmt_t"], backends=("onnxruntime",), mode="train")
     with pytest.raises(RMTError, match="for the eager backend"):
         benchmark(["rmt_t"], backends=("eager", "onnxruntime"), amp="bf16")
+    with pytest.raises(RMTError, match="eager-bf16 is eager with --amp bf16"):
+        benchmark(["rmt_t"], backends=("eager", "eager-bf16"), amp="bf16")
     assert main(["benchmark", "rmt_t", "--profile", "--no-peers"]) == 2
     assert "--profile shows ONNX Runtime" in capsys.readouterr().err
 

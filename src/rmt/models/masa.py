@@ -75,14 +75,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _plain_ops_only(x: torch.Tensor) -> bool:
     """Whether ``x`` carries no values for a fast path to work on: a symbolic value of an FX trace
-    (the graph must record plain ops) or a meta tensor (shapes only).
+    (the graph must record plain ops), a meta tensor (shapes only), or a ``torch.jit.trace``
+    (``openvino.convert_model`` traces so too): the traced graph must not depend on anything but the
+    input's shape -- not on grad mode (the fast paths pick their fusions by it) nor on the table cache --
+    or the tracer's check, which traces again under ``no_grad``, finds two different graphs.
 
     (Scripting is tested with ``torch.jit.is_scripting()`` at the call site, where TorchScript
     resolves it before compiling the branches.)
     """
     if torch.jit.is_scripting():
         return False
-    return isinstance(x, torch.fx.Proxy) or x.is_meta
+    return isinstance(x, torch.fx.Proxy) or x.is_meta or torch.jit.is_tracing()
 
 
 class RelPos2d(nn.Module):
@@ -243,11 +246,21 @@ class TokenConv(nn.Module):
             y = depthwise_conv(nchw, weight, self.conv.bias, self.conv.padding)
         return y.permute(0, 2, 3, 1)
 
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the residual into the weights, in place (timm's ``reparameterize()``): ``x + conv(x)``
+        becomes a plain convolution whose centre tap is shifted by one, so that a traced graph holds
+        the weight as a constant instead of the sum ``weight + centre``."""
+        if self.residual:
+            self.conv.weight.add_(self.centre.to(self.conv.weight))
+            self.residual = False
+            self.centre = None
+
     def _forward_plain(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
         """:meth:`forward` in plain ops, for TorchScript and FX graphs."""
         weight = self.conv.weight
         centre = self.centre
-        if centre is not None:
+        if self.residual and centre is not None:
             weight = weight + centre
         nchw = x.permute(0, 3, 1, 2)
         if gelu:
@@ -308,13 +321,86 @@ class MaSA(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.lepe = TokenConv(dim, 5)
         self.out_proj = nn.Linear(dim, dim)
+        self.reparameterized = False  # see reparameterize()
 
     def forward(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """MaSA of ``x``; with ``residual``/``scale`` given, ``residual + scale * MaSA(x)`` (fused where it can be)."""
+        if self.reparameterized:
+            return self._forward_export(x, tables, residual, scale)
         if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors
             return self._forward_plain(x, tables, residual, scale)
         return self._forward_fast(x, tables, residual, scale)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Rewrite this layer, in place, into its export form (timm's ``reparameterize()``): the same
+        function as a graph that inference runtimes fuse and quantize.
+
+        * the rotation's pair swap is a fixed permutation of the query/key channels, so it is folded
+          into the projection: ``qkv`` becomes ``Linear(C, 5C)`` giving ``q, swap(q), k, swap(k), v``,
+          and the rotation is ``q * cos + swap(q) * sin`` (two multiplies and an add, no Slice/Concat);
+        * the scale ``d ** -0.5`` is folded into the query weights;
+        * each pass is one ``softmax(q k^T + decay) v`` with the decay as an additive mask
+          (``scaled_dot_product_attention``, scale 1, which OpenVINO converts to its fused
+          ``ScaledDotProductAttention``; traced for ONNX at opset 23, ONNX's ``Attention``).
+
+        Used on a copy of the model by the exports (:func:`rmt.tools.export.fold_for_export`); the
+        layer then computes only in that form (eager included, for checking it).
+        """
+        if self.reparameterized:
+            return
+        c = self.num_heads * self.key_dim
+        weight, bias = self.qkv.weight.split(c), self.qkv.bias.split(c)
+        swap = torch.arange(c, device=weight[0].device).view(-1, 2).flip(-1).reshape(-1)  # pairs (0 1) -> (1 0)
+        wq, bq = weight[0] * self.scale, bias[0] * self.scale
+        fused = nn.Linear(c, 5 * c, device=weight[0].device, dtype=weight[0].dtype)
+        fused.weight.copy_(torch.cat([wq, wq[swap], weight[1], weight[1][swap], weight[2]]))
+        fused.bias.copy_(torch.cat([bq, bq[swap], bias[1], bias[1][swap], bias[2]]))
+        self.qkv = fused
+        self.reparameterized = True
+
+    @torch.jit.unused
+    def _forward_export(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor],
+                        scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` of the export form (see :meth:`reparameterize`)."""
+        b, h, w, c = x.shape
+        n, d = self.num_heads, self.key_dim
+        q, q_swapped, k, k_swapped, v = F.linear(x, self.qkv.weight, self.qkv.bias).split(c, dim=-1)
+        lepe = self.lepe(v)
+        # the tables once per channel, (h, w, C): constants of a graph whose size is fixed
+        cos = tables.cos.expand(h, w, n, d).reshape(h, w, c)
+        sin = tables.sin.expand(h, w, n, d).reshape(h, w, c)
+        q = q * cos + q_swapped * sin
+        k = k * cos + k_swapped * sin
+        if onnx_operators_enabled():  # ONNX's Attention takes (batch, len, C) with the heads side by side
+            def attend(q_, k_, v_, bias):
+                return torch.onnx.ops.attention(q_, k_, v_, bias, q_num_heads=n, kv_num_heads=n, scale=1.0)[0]
+
+            if self.decomposed:
+                assert tables.bias_h is not None
+                rows = lambda t: t.reshape(b * h, w, c)  # noqa: E731
+                v = attend(rows(q), rows(k), rows(v), tables.bias).reshape(b, h, w, c)
+                cols = lambda t: t.transpose(1, 2).reshape(b * w, h, c)  # noqa: E731
+                out = attend(cols(q), cols(k), cols(v), tables.bias_h[:, :n]).reshape(b, w, h, c).transpose(1, 2)
+            else:
+                out = attend(q.reshape(b, h * w, c), k.reshape(b, h * w, c), v.reshape(b, h * w, c),
+                             tables.bias).reshape(b, h, w, c)
+        elif self.decomposed:
+            assert tables.bias_h is not None
+            # along each row: (b*h, n, w, d)
+            rows = [t.reshape(b * h, w, n, d).transpose(1, 2) for t in (q, k, v)]
+            v = F.scaled_dot_product_attention(rows[0], rows[1], rows[2], attn_mask=tables.bias, scale=1.0)
+            # along each column, on the row pass's output (b*h, n, w, d): (b*w, n, h, d)
+            cols = [t.reshape(b, h, w, n, d).permute(0, 2, 3, 1, 4).reshape(b * w, n, h, d) for t in (q, k)]
+            v = v.reshape(b, h, n, w, d).permute(0, 3, 2, 1, 4).reshape(b * w, n, h, d)
+            out = F.scaled_dot_product_attention(cols[0], cols[1], v, attn_mask=tables.bias_h[:, :n], scale=1.0)
+            out = out.reshape(b, w, n, h, d).permute(0, 3, 1, 2, 4).reshape(b, h, w, c)
+        else:
+            tokens = [t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v)]  # (b, n, hw, d)
+            out = F.scaled_dot_product_attention(tokens[0], tokens[1], tokens[2], attn_mask=tables.bias, scale=1.0)
+            out = out.transpose(1, 2).reshape(b, h, w, c)
+        return _scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
 
     @torch.jit.unused
     def _forward_fast(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,

@@ -23,11 +23,17 @@ Backends (``backends``; every model is timed in each, all interleaved in one loo
 * ``onnxruntime-int8``: that export statically quantized as ``rmt export --quantize int8`` does
   (:func:`rmt.tools.quantize.quantize_onnx`), calibrated here on random inputs, which sets the
   scales but not the work: the timing is that of a model calibrated on images.
+* ``openvino``: the same fixed-shape export form converted to OpenVINO IR as ``rmt export --format
+  openvino`` does it (:func:`rmt.tools.export.write_openvino`), run by OpenVINO's CPU plugin in float32;
+* ``openvino-int8``: that IR quantized by NNCF as ``rmt export --format openvino --quantize int8`` does
+  (:func:`rmt.tools.quantize.quantize_openvino`), calibrated on random inputs like ``onnxruntime-int8``;
+* ``eager-bf16``: PyTorch eager mode under bfloat16 autocast (the ``eager`` row with ``amp="bf16"``, so
+  that float32 and bfloat16 share one interleaved loop);
 * ``eager-int8``: PyTorch's own int8 path, the eager model with its linear layers dynamically
   quantized (:func:`rmt.tools.quantize.quantize_linear_dynamic`; activations quantized as they
   arrive, so no calibration).
 
-ONNX Runtime runs with as many intra-op threads as torch uses. Its rows have no peak-memory figure
+ONNX Runtime and OpenVINO run with as many intra-op threads as torch uses. Its rows have no peak-memory figure
 (the tensors are not torch's), and ``parity`` is the float32 export's max abs difference to the
 eager model's logits on the benchmark input. :func:`profile_onnx` tells which operators an ONNX
 Runtime session spends its time in.
@@ -55,12 +61,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import RMTError
 
 __all__ = ["BenchResult", "benchmark", "build_model", "PeakMemory", "DEFAULT_PEERS", "BACKENDS", "ONNX_BACKENDS",
-           "profile_onnx"]
+           "OPENVINO_BACKENDS", "profile_onnx"]
 
 DEFAULT_PEERS = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 MODES = ("infer", "features", "train")
 ONNX_BACKENDS = ("onnxruntime", "onnxruntime-int8")
-BACKENDS = ("eager", "eager-int8") + ONNX_BACKENDS
+OPENVINO_BACKENDS = ("openvino", "openvino-int8")
+BACKENDS = ("eager", "eager-bf16", "eager-int8") + ONNX_BACKENDS + OPENVINO_BACKENDS
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -244,6 +251,41 @@ class _OnnxRunner:
         return (time.perf_counter() - start) * 1000
 
 
+class _OpenVINORunner(_OnnxRunner):
+    """Times one exported model in OpenVINO on a fixed input (see the module doc)."""
+
+    def __init__(self, name: str, model: nn.Module, backend: str, batch: int, size: Tuple[int, int],
+                 workdir: Path):
+        from .export import fold_for_export, freeze_masa_tables, write_openvino
+        from .quantize import openvino_compiled, quantize_openvino
+
+        self.name, self.mode, self.backend = name, "infer", backend
+        model = model.eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, *size, generator=g)
+        stem = workdir / f"{''.join(c if c.isalnum() else '_' for c in name)}_b{batch}_{size[0]}x{size[1]}"
+        float_path = stem.with_suffix(".xml")
+        if not float_path.is_file():  # the float32 and the int8 rows of a model share one export
+            write_openvino(freeze_masa_tables(fold_for_export(model), x), x, float_path, dynamic_batch=False)
+        path = float_path
+        if backend == "openvino-int8":
+            path = stem.with_suffix(".int8.xml")
+            if not path.is_file():
+                calibration = [torch.randn(batch, 3, *size, generator=g).numpy() for _ in range(2)]
+                quantize_openvino(float_path, path, calibration)
+        self.path = path
+        self.request = openvino_compiled(path, torch.get_num_threads()).create_infer_request()
+        self.feed = {0: x.numpy()}
+        self.parity = None
+        if backend == "openvino":
+            with torch.inference_mode():
+                expected = model(x).float()
+            self.parity = float((torch.from_numpy(self.request.infer(self.feed)[0].copy()) - expected).abs().max())
+
+    def step(self) -> None:
+        self.request.infer(self.feed)
+
+
 def profile_onnx(path: str | os.PathLike, batch_size: int, img_size: Tuple[int, int] = (224, 224),
                  iters: int = 3, threads: Optional[int] = None) -> List[Dict[str, object]]:
     """Where an ONNX Runtime session spends its time, from its own profiler: one row per operator
@@ -285,17 +327,23 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise RMTError(f"backend must be among {', '.join(BACKENDS)}, got {', '.join(unknown) or 'none'}")
-    inference_only = [b for b in backends if b != "eager"]
+    inference_only = [b for b in backends if b not in ("eager", "eager-bf16")]
     if inference_only:
         if mode != "infer":
             raise RMTError(f"{inference_only[0]} times inference only: use --mode infer")
         if amp or compile_model or channels_last or device != "cpu":
-            raise RMTError("--amp, --compile, --channels-last and --device are for the eager backend; "
+            raise RMTError("--amp, --compile, --channels-last and --device are for the eager backends; "
                            f"{', '.join(inference_only)} run float32 or int8 on the CPU")
     if any(b in ONNX_BACKENDS for b in backends):
         from .quantize import _onnxruntime
 
         _onnxruntime()  # a one-line error when it is missing
+    if any(b in OPENVINO_BACKENDS for b in backends):
+        from .quantize import _openvino
+
+        _openvino()
+    if "eager-bf16" in backends and amp is not None:
+        raise RMTError("--backend eager-bf16 is eager with --amp bf16: drop --amp")
     if batch_size <= 0 or iters <= 0 or warmup < 0:
         raise RMTError("batch size and iterations must be positive")
     if amp is not None and amp not in AMP_DTYPES:
@@ -319,12 +367,17 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
                 if backend == "eager":
                     runners.append(_Runner(name, model, mode, batch_size, img_size, torch_device, compile_model,
                                            channels_last, amp))
+                elif backend == "eager-bf16":
+                    runners.append(_Runner(name, model, mode, batch_size, img_size, torch_device, compile_model,
+                                           channels_last, "bf16", backend=backend))
                 elif backend == "eager-int8":
                     from .quantize import quantize_linear_dynamic
 
                     runners.append(_Runner(name, quantize_linear_dynamic(model), mode, batch_size, img_size,
                                            torch_device, compile_model=False, channels_last=False, amp=None,
                                            backend=backend))
+                elif backend in OPENVINO_BACKENDS:
+                    runners.append(_OpenVINORunner(name, model, backend, batch_size, img_size, workdir))
                 else:
                     runners.append(_OnnxRunner(name, model, backend, batch_size, img_size, workdir))
         for runner in runners:
@@ -342,7 +395,8 @@ def benchmark(models: Sequence[str], batch_size: int = 32, img_size: Tuple[int, 
             peak = runner.peak_mb() if memory and isinstance(runner, _Runner) else None
             backend = runner.backend
             results.append(BenchResult(runner.name, mode, batch_size, tuple(img_size), batch_size / median * 1000,
-                                       median, peak, amp, runner_times, backend, getattr(runner, "parity", None),
+                                       median, peak, "bf16" if backend == "eager-bf16" else amp, runner_times,
+                                       backend, getattr(runner, "parity", None),
                                        str(runner.path) if hasattr(runner, "path") else None))
         del runners
         gc.collect()

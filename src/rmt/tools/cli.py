@@ -161,8 +161,9 @@ def _add_benchmark(sub) -> None:
                                    "with its straightforward reference implementation, swin_tiny and "
                                    "convnext_tiny. With --backend onnxruntime / onnxruntime-int8, every model is "
                                    "also exported (fixed shape) and timed in ONNX Runtime, float32 or statically "
-                                   "quantized int8, in the same interleaved loop; eager-int8 is PyTorch's own "
-                                   "int8 path (dynamically quantized linear layers).")
+                                   "quantized int8, in the same interleaved loop (openvino / openvino-int8: the "
+                                   "same in OpenVINO, int8 by NNCF); eager-bf16 is eager under bf16 autocast; "
+                                   "eager-int8 is PyTorch's own int8 path (dynamically quantized linear layers).")
     p.add_argument("models", nargs="+", help="rmt_s, reference:rmt_s, or timm model names")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"))
@@ -171,7 +172,7 @@ def _add_benchmark(sub) -> None:
                         "backward and AdamW step; both: infer and train (default: infer)")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=["eager"], metavar="BACKEND",
                    help=f"where each model runs, one row per backend: {', '.join(BACKENDS)} (default: eager); "
-                        "e.g. --backend eager eager-int8 onnxruntime onnxruntime-int8")
+                        "e.g. --backend eager eager-bf16 onnxruntime onnxruntime-int8 openvino openvino-int8")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast the forward (default: float32)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--iters", type=positive_int, default=5, help="timed rounds")
@@ -187,7 +188,8 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile each ONNX Runtime row with its profiler: time per operator type")
     p.add_argument("--export-dir", default=None,
-                   help="keep the ONNX exports here, and reuse them in later runs (default: a temporary folder)")
+                   help="keep the ONNX/OpenVINO exports here, and reuse them in later runs (default: a temporary "
+                        "folder)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_benchmark)
 
@@ -227,16 +229,18 @@ def _cmd_export(args) -> int:
 def _add_export(sub) -> None:
 
     p = sub.add_parser(
-        "export", help="export a classifier to ONNX (float32 or int8), TorchScript or a torch.export program",
+        "export", help="export a classifier to ONNX or OpenVINO (float32 or int8), TorchScript or a torch.export "
+                       "program",
         description="Export a classifier (images -> logits) with a dynamic batch (and dynamic height/width where "
                     "the format allows), then load the file back and compare it with PyTorch on random inputs. "
                     "--static writes a fixed-shape ONNX graph without control flow (for TensorRT); --quantize int8 "
-                    "writes a statically quantized ONNX model and reports its top-1 beside float32's.")
+                    "writes a statically quantized ONNX model (NNCF-quantized OpenVINO IR with --format openvino) and "
+                    "reports its top-1 beside float32's.")
     p.add_argument("--model", default=None, help="model name, e.g. rmt_s (default: the checkpoint's, for our files)")
     p.add_argument("--checkpoint", required=True,
                    help="official .pth, our .safetensors, a run's best.pth, or a model folder (rmt convert)")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
+    p.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2, .xml for OpenVINO)")
     p.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                    help="example input size (default: the model's evaluation size)")
     p.add_argument("--static-size", action="store_true", help="fix height and width (the batch stays dynamic)")
@@ -244,8 +248,8 @@ def _add_export(sub) -> None:
                    help="ONNX: fix every dimension (batch: --batch-size), MaSA tables as constants, no control flow")
     p.add_argument("--batch-size", type=positive_int, default=None, help="the batch of a --static export (default: 1)")
     p.add_argument("--quantize", choices=QUANTIZE, default=None,
-                   help="ONNX: write a statically quantized model to --output, the float32 one beside it "
-                        "(NAME.fp32.onnx), and compare their accuracy")
+                   help="ONNX, OpenVINO: write a statically quantized model to --output, the float32 one beside "
+                        "it (NAME.fp32.onnx, NAME.fp32.xml), and compare their accuracy")
     p.add_argument("--calib-data", default=None,
                    help="folder of images to calibrate int8 on (default: the run's own training images)")
     p.add_argument("--calib-images", type=positive_int, default=256, help="calibration images at most (default: 256)")
@@ -255,7 +259,7 @@ def _add_export(sub) -> None:
                    help="largest max abs difference accepted (default: 1e-4)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("--opset", type=positive_int, default=None,
-                   help="ONNX opset (default 23: MaSA as ONNX's Attention and RotaryEmbedding operators; "
+                   help="ONNX opset (default 23: MaSA's attention as ONNX's Attention operator; "
                    "an earlier opset writes it in plain ops)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=_cmd_export)

@@ -13,6 +13,7 @@ format              file                        dynamic dimensions
 exported-program    ``torch.export.save`` .pt2  batch, height, width (height/width >= 33 px)
 onnx                ONNX (weights embedded)     batch, height, width (height/width >= 33 px)
 torchscript         ``torch.jit.trace`` .pt     batch, height, width (any size)
+openvino            OpenVINO IR .xml + .bin     batch
 =================== =========================== =============================================
 
 The MaSA tables (decay biases, rotation) are built inside the graph when a model is traced or
@@ -32,13 +33,19 @@ that need constant weights (ONNX Runtime's quantizer, TensorRT) see them.
 size ahead of time (:func:`freeze_masa_tables`): they become initializers, and the graph holds no
 size arithmetic and no control flow -- what TensorRT builders want.
 
-ONNX exports at opset 23 or later (the default) write MaSA as ONNX's ``RotaryEmbedding`` and
-``Attention`` operators (:meth:`rmt.models.masa.MaSA.forward`), which ONNX Runtime runs as single
-kernels; an earlier ``opset`` (for runtimes without those operators) gets the same arithmetic in
-plain ops (``MatMul``, ``Softmax``, ...).
+ONNX exports at opset 23 or later (the default) write MaSA's passes as ONNX's ``Attention``
+operator (the export form, :meth:`rmt.models.masa.MaSA.reparameterize`: its rotation is a multiply-add),
+which ONNX Runtime runs as single kernels; an earlier ``opset`` (for runtimes without those operators)
+gets the same arithmetic in plain ops (``MatMul``, ``Softmax``, ...).
 
-``quantize="int8"`` (ONNX) writes a statically quantized model (:mod:`rmt.tools.quantize`) next to
-its float32 export, and reports the top-1 of both on an evaluation set.
+OpenVINO exports are made by ``openvino.convert_model`` from the export form of the model (weights
+folded, MaSA tables of the example's size as constants, see :func:`freeze_masa_tables`): a dynamic
+batch, a fixed height and width, float32 weights; they are loaded back (and timed) in float32
+(``INFERENCE_PRECISION_HINT`` ``f32``: OpenVINO would otherwise run bfloat16 on CPUs that have it).
+
+``quantize="int8"`` (ONNX, OpenVINO) writes a statically quantized model (:mod:`rmt.tools.quantize`:
+ONNX Runtime's quantizer, NNCF for OpenVINO) next to its float32 export, and reports the top-1 of
+both on an evaluation set.
 """
 from __future__ import annotations
 
@@ -61,12 +68,12 @@ from ..errors import RMTError
 from ..files import atomic_write_bytes
 from ..models.factory import checkpoint_info
 from ..models.fast import ONNX_OPERATORS_AVAILABLE, onnx_operators
-from ..models.masa import MaSATables, RelPos2d, TokenConv
+from ..models.masa import MaSA, MaSATables, RelPos2d, TokenConv
 from ..models.rmt import RMT
-from .quantize import check_data_folders, quantize_export
+from .quantize import _openvino, check_data_folders, openvino_compiled, quantize_export, save_openvino
 
 __all__ = ["FORMATS", "QUANTIZE", "ExportResult", "ExportVerificationError", "export_model", "fold_for_export",
-           "freeze_masa_tables", "load_exported", "verify_export"]
+           "freeze_masa_tables", "load_exported", "verify_export", "write_openvino"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,7 +81,7 @@ ONNX_OPERATORS_OPSET = 23
 """The first opset with ``Attention`` and ``RotaryEmbedding``: ONNX exports default to it (where this
 PyTorch can record those operators), and from it on MaSA is written with them."""
 
-FORMATS = ("onnx", "torchscript", "exported-program")
+FORMATS = ("onnx", "torchscript", "exported-program", "openvino")
 QUANTIZE = ("int8",)
 MIN_DYNAMIC_SIZE = 33
 """Smallest height/width an export with dynamic height/width accepts (torch.export's guard)."""
@@ -116,14 +123,14 @@ def fold_for_export(model: nn.Module) -> nn.Module:
     A residual :class:`~rmt.models.masa.TokenConv` computes ``x + conv(x)`` as one convolution
     with ``weight + centre``; traced, that sum is a node of the graph and the convolution's weight
     a computed value. Here the sum is done once, in the weights, and the convolution is made plain:
-    the same numbers, every weight an initializer.
+    the same numbers, every weight an initializer. Every MaSA takes its export form
+    (:meth:`rmt.models.masa.MaSA.reparameterize`: rotation swap and scale folded into the projection,
+    attention in the pattern runtimes fuse).
     """
     model = copy.deepcopy(model)
     for module in model.modules():
-        if isinstance(module, TokenConv) and module.residual:
-            with torch.no_grad():
-                module.conv.weight.add_(module.centre.to(module.conv.weight))
-            module.residual = False
+        if isinstance(module, (TokenConv, MaSA)):
+            module.reparameterize()
     return model
 
 
@@ -229,7 +236,28 @@ def _serialize(model: nn.Module, example: torch.Tensor, fmt: str, dynamic: Seque
 def write_export(model: nn.Module, example: torch.Tensor, fmt: str, path: str | os.PathLike,
                  dynamic: Sequence[str] = (), opset: int | None = None) -> None:
     """Export `model` traced on `example` to `path` in `fmt`, written atomically (see `_serialize`)."""
+    if fmt == "openvino":
+        write_openvino(model, example, path, "batch" in dynamic)
+        return
     atomic_write_bytes(path, _serialize(model, example, fmt, dynamic, opset))
+
+
+def write_openvino(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, dynamic_batch: bool = True
+                   ) -> None:
+    """``openvino.convert_model(model, example_input=example)`` saved as OpenVINO IR at ``path`` (``.xml``,
+    weights in the ``.bin`` beside it, float32), written atomically: both files are made in a temporary
+    folder and moved in, the weights first. The batch is dynamic with ``dynamic_batch``."""
+    ov = _openvino()
+    path = Path(path)
+    shape = list(example.shape)
+    if dynamic_batch:
+        shape[0] = -1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)  # convert_model traces with torch.jit
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        converted = ov.convert_model(model, example_input=example, input=[ov.PartialShape(shape)])
+    converted.outputs[0].get_tensor().set_names({"logits"})
+    save_openvino(converted, path)
 
 
 @contextlib.contextmanager
@@ -264,13 +292,20 @@ def _require(module: str, fmt: str) -> None:
 def load_exported(path: str | os.PathLike, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Load an exported file as a function ``images (B, C, H, W) -> logits`` (CPU, float32).
 
-    ``fmt`` is guessed from the suffix when not given: ``.onnx``, ``.pt2`` (exported program),
-    anything else TorchScript.
+    ``fmt`` is guessed from the suffix when not given: ``.onnx``, ``.pt2`` (exported program), ``.xml``
+    (OpenVINO), anything else TorchScript.
     """
     path = Path(path)
     if not path.is_file():
         raise RMTError(f"no exported model at {path}")
-    fmt = fmt or {".onnx": "onnx", ".pt2": "exported-program"}.get(path.suffix, "torchscript")
+    fmt = fmt or {".onnx": "onnx", ".pt2": "exported-program", ".xml": "openvino"}.get(path.suffix, "torchscript")
+    if fmt == "openvino":
+        request = openvino_compiled(path).create_infer_request()
+
+        def run_openvino(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(request.infer({0: images.detach().cpu().numpy()})[0].copy())
+
+        return run_openvino
     if fmt == "onnx":
         _require("onnxruntime", "onnx")
         import onnxruntime
@@ -338,8 +373,13 @@ def _check_options(fmt: str, dynamic_size: bool | None, static: bool, batch_size
         raise RMTError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZE:
         raise RMTError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZE)}")
-    if (static or quantize) and fmt != "onnx":
-        raise RMTError(f"--{'static' if static else 'quantize'} is for --format onnx, not {fmt}")
+    if static and fmt != "onnx":
+        raise RMTError(f"--static is for --format onnx, not {fmt}")
+    if quantize and fmt not in ("onnx", "openvino"):
+        raise RMTError(f"--quantize is for --format onnx or openvino, not {fmt}")
+    if fmt == "openvino" and dynamic_size:
+        raise RMTError("an OpenVINO export has a fixed height and width (its MaSA tables are constants): "
+                       "drop the dynamic size")
     if static and dynamic_size:
         raise RMTError("a --static export has a fixed height and width: drop the dynamic size")
     if batch_size is not None and not static:
@@ -389,8 +429,9 @@ def export_model(
         static: ONNX only: every dimension fixed (batch ``batch_size``, default 1), the MaSA tables
             as initializers, no control flow (:func:`freeze_masa_tables`).
         batch_size: the batch of a ``static`` export.
-        quantize: ``"int8"`` (ONNX only): ``output`` is the statically quantized model, and the
-            float32 export is kept beside it as ``<stem>.fp32.onnx``; see :func:`rmt.tools.quantize.quantize_export`.
+        quantize: ``"int8"`` (ONNX, OpenVINO): ``output`` is the statically quantized model, and the
+            float32 export is kept beside it as ``<stem>.fp32.onnx`` (``.fp32.xml``); see
+            :func:`rmt.tools.quantize.quantize_export`.
         calib_data: a folder of images to calibrate on; default: the run's own training images.
         eval_data: an image folder with class sub-folders to measure top-1 on; default: the run's
             own validation split.
@@ -405,22 +446,29 @@ def export_model(
     channels = int(classifier.data_config["input_size"][0])
     h, w = img_size or classifier.data_config["input_size"][-2:]
     h, w = int(h), int(w)
-    if static:
+    if static or fmt == "openvino":
         dynamic_size = False
     elif dynamic_size is None:  # a trace has no shape guards: any size (checked below)
         dynamic_size = fmt == "torchscript" or min(h, w) >= MIN_DYNAMIC_SIZE
     elif dynamic_size and min(h, w) < MIN_DYNAMIC_SIZE and fmt != "torchscript":
         raise RMTError(f"dynamic height/width needs an example of at least {MIN_DYNAMIC_SIZE} px "
                        f"(got {h}x{w}): pass --img-size, or export a fixed size")
+    if fmt == "openvino" and min(h, w) < MIN_DYNAMIC_SIZE:
+        # measured with OpenVINO 2026.4: a one-token last stage converts to a graph that fails with a dynamic
+        # batch (a Transpose made a Reshape of the wrong size) and is off by ~5e-3 with a fixed one
+        raise RMTError(f"an OpenVINO export needs an input of at least {MIN_DYNAMIC_SIZE} px (got {h}x{w}; below "
+                       "that the last stage is a single token, which OpenVINO converts wrongly): pass --img-size")
     dynamic = ([] if static else ["batch"]) + (["height", "width"] if dynamic_size else [])
     path = Path(output)
-    if quantize and path.suffix != ".onnx":
+    if fmt == "openvino" and path.suffix != ".xml":
+        raise RMTError(f"--output {path}: an OpenVINO model is written to a .xml file (its weights beside it, .bin)")
+    if quantize and fmt == "onnx" and path.suffix != ".onnx":
         raise RMTError(f"--output {path}: an int8 ONNX model is written to a .onnx file")
-    float_path = path.with_suffix(".fp32.onnx") if quantize else path
+    float_path = path.with_suffix(f".fp32{path.suffix}") if quantize else path
     batch = (batch_size or 1) if static else 2
     example = torch.randn(batch, channels, h, w, generator=torch.Generator().manual_seed(0))
     graph_model = fold_for_export(net)
-    if static:
+    if static or fmt == "openvino":
         freeze_masa_tables(graph_model, example)
     try:
         write_export(graph_model, example, fmt, float_path, dynamic, opset)

@@ -1,5 +1,6 @@
-"""int8 ONNX models: static quantization with ONNX Runtime, calibrated on real images (``rmt export
---quantize int8``), and their accuracy beside the float32 model's.
+"""int8 ONNX and OpenVINO models: static quantization with ONNX Runtime (or NNCF for OpenVINO IR,
+:func:`quantize_openvino`), calibrated on real images (``rmt export --quantize int8``), and their
+accuracy beside the float32 model's.
 
 Static quantization fixes the scale of every activation ahead of time, from the ranges seen on
 calibration images; weights are quantized per output channel (symmetric int8) and activations per
@@ -23,6 +24,8 @@ Where the images come from:
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import random
@@ -46,8 +49,9 @@ from ..errors import RMTError
 from ..files import atomic_copy
 from ..training.distributed import DistInfo
 
-__all__ = ["QuantizationReport", "OnnxRuntimeModel", "quantize_onnx", "quantize_export", "run_datasets",
-           "onnx_session", "quantize_linear_dynamic"]
+__all__ = ["QuantizationReport", "OnnxRuntimeModel", "OpenVINOModel", "quantize_onnx", "quantize_openvino",
+           "quantize_export", "run_datasets", "onnx_session", "openvino_compiled", "save_openvino",
+           "quantize_linear_dynamic"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,6 +78,34 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, profile_pr
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def save_openvino(model, path: str | os.PathLike) -> None:
+    """Save an OpenVINO model (float32 weights) to ``path`` (``.xml`` and ``.bin``) atomically."""
+    ov = _openvino()
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        atomic_copy(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+        atomic_copy(staged, path)
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as e:
+        raise RMTError("OpenVINO exports and timing need openvino: pip install 'rmt[openvino]'") from e
+    return openvino
+
+
+def openvino_compiled(path: str | os.PathLike, threads: int | None = None):
+    """An OpenVINO IR compiled for the CPU in float32 (``threads``: inference threads)."""
+    ov = _openvino()
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(str(path), "CPU", config)
 
 
 def quantize_linear_dynamic(model: nn.Module) -> nn.Module:
@@ -106,6 +138,20 @@ class OnnxRuntimeModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+class OpenVINOModel(nn.Module):
+    """An OpenVINO IR classifier (float32 or int8, run with float32 between the int8 operators), called
+    like the PyTorch model: images -> logits (CPU)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.request = openvino_compiled(path, threads).create_infer_request()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.request.infer({0: array})[0].copy())
 
 
 @dataclass
@@ -289,6 +335,27 @@ def quantize_onnx(float_path: str | os.PathLike, int8_path: str | os.PathLike,
     return int8_path
 
 
+def quantize_openvino(float_path: str | os.PathLike, int8_path: str | os.PathLike,
+                      calibration: Sequence[np.ndarray]) -> Path:
+    """Statically quantize a float32 OpenVINO classifier with NNCF's post-training quantization
+    (``nncf.quantize``, transformer preset: the softmax and layer-norm inputs stay float; per-tensor
+    activation ranges from ``calibration``, batches ``(B, C, H, W)`` of preprocessed images)."""
+    ov = _openvino()
+    try:
+        import nncf
+    except ImportError as e:
+        raise RMTError("OpenVINO int8 needs nncf: pip install 'rmt[openvino]'") from e
+    if not calibration:
+        raise RMTError("no calibration images could be read")
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # its progress lines and notes: the outcome is reported
+    model = ov.Core().read_model(str(float_path))
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars: `--json` output stays JSON
+        quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=sum(b.shape[0] for b in calibration))
+    save_openvino(quantized, int8_path)
+    return Path(int8_path)
+
+
 def _accuracy(model: nn.Module, dataset: Dataset, batch_size: int, progress: bool, desc: str) -> dict[str, Any]:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_skip_bad)
     return evaluate(model, loader, torch.device("cpu"), DistInfo(), progress=progress, desc=desc)
@@ -347,12 +414,17 @@ def quantize_export(
                            f"{classifier.model.num_classes} outputs")
     else:
         eval_set, eval_name = own[2], own[3]
-    fixed_batch = _fixed_batch(float_path)
+    openvino = Path(float_path).suffix == ".xml"
+    fixed_batch = None if openvino else _fixed_batch(float_path)
     calibration = list(_batches(calib_set, calib_images, fixed_batch or batch_size))
     if fixed_batch:  # a static graph takes only full batches
         calibration = [b for b in calibration if b.shape[0] == fixed_batch]
-    quantize_onnx(float_path, int8_path, calibration)
-    float_model, int8_model = OnnxRuntimeModel(float_path), OnnxRuntimeModel(int8_path)
+    if openvino:
+        quantize_openvino(float_path, int8_path, calibration)
+        float_model, int8_model = OpenVINOModel(float_path), OpenVINOModel(int8_path)
+    else:
+        quantize_onnx(float_path, int8_path, calibration)
+        float_model, int8_model = OnnxRuntimeModel(float_path), OnnxRuntimeModel(int8_path)
     eval_batch = fixed_batch or batch_size
     if fixed_batch and len(eval_set) % fixed_batch:
         _logger.warning("evaluating %d of %d images: the static graph takes batches of %d",
@@ -366,7 +438,14 @@ def quantize_export(
         calib_images=sum(b.shape[0] for b in calibration), evaluation=eval_name, eval_images=int8_acc["images"],
         float_top1=float_acc["top1"], int8_top1=int8_acc["top1"], float_top5=float_acc["top5"],
         int8_top5=int8_acc["top5"], agreement=agreement, max_abs_diff=max_abs_diff,
-        float_mb=Path(float_path).stat().st_size / 2**20, int8_mb=Path(int8_path).stat().st_size / 2**20)
+        float_mb=_size_mb(float_path), int8_mb=_size_mb(int8_path))
+
+
+def _size_mb(path: str | os.PathLike) -> float:
+    """The size of a model file, with its weights file (OpenVINO's ``.bin``) where it has one."""
+    path = Path(path)
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return (path.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)) / 2**20
 
 
 def _fixed_batch(path: str | os.PathLike) -> int | None:
