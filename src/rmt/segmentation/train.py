@@ -28,8 +28,7 @@ from .models import build_segmentor, segmentor_kwargs
 __all__ = ["train", "segmentation_data", "class_names_for", "METRIC_COLUMNS"]
 
 METRIC_COLUMNS = ["iteration", "epoch", "train_loss", "lr", "mIoU", "mAcc", "aAcc", "seconds"]
-SPEC = RoundSpec(metric="mIoU", columns=METRIC_COLUMNS, plotted=("mIoU", "mAcc"), unit="iteration",
-                 same_on_resume=("arch", "backbone"))
+SPEC = RoundSpec(metric="mIoU", columns=METRIC_COLUMNS, plotted=("mIoU", "mAcc"), unit="iteration")
 
 
 @dataclass
