@@ -1,6 +1,7 @@
 """Nothing lost, second round (issue 23): replacing is a transaction, a resume is the same run, a signal
 is never reported as success, a failed start leaves nothing behind."""
 import errno
+import importlib
 import io
 import json
 import math
@@ -17,7 +18,6 @@ import timm
 import torch
 from torch import nn
 
-import rmt.classification.train as classification_train
 import rmt.models.hub as hub
 from rmt.classification import ClassificationConfig
 from rmt.cli import main
@@ -123,7 +123,7 @@ _KILLED = textwrap.dedent("""
     from rmt.training.rundir import RunDirectory
     run = RunDirectory(Path(sys.argv[1]))
     run.claim(resume=None, overwrite=True, restart_hint="")
-    run.start(replace=True)
+    run.start()
     (run.path / "config.yaml").write_text("the new run's config")
     if sys.argv[2] == "checkpoint":
         (run.path / "last.pth").write_text("the new run's first checkpoint")
@@ -255,6 +255,7 @@ def test_resume_with_more_epochs_follows_the_longer_schedule_and_records_it(run_
 
 # ------------------------------------------------------------------------------- exit statuses
 def test_sigterm_while_the_final_files_are_written_exits_143(tmp_path, capsys, monkeypatch):
+    classification_train = importlib.import_module("rmt.classification.train")  # the module, not the function
     save_hub_folder = classification_train.save_hub_folder
 
     def signalled(*args, **kwargs):

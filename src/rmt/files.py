@@ -217,9 +217,9 @@ def set_aside(folder: Path, names: Sequence[str], aside: Path) -> List[str]:
     """Move ``folder/name`` for each name that exists into the folder ``aside`` (in ``folder``, so the
     moves are renames); returns the names moved. :func:`put_back` undoes it."""
     moved = []
-    aside.mkdir(exist_ok=True)
     for name in names:
         if (folder / name).exists() or (folder / name).is_symlink():
+            aside.mkdir(exist_ok=True)
             os.replace(folder / name, aside / name)
             moved.append(name)
     _fsync_dir(folder)
@@ -284,7 +284,8 @@ def output_folder(folder: str | os.PathLike, overwrite: bool, flag: str = "--ove
             put_back(folder, aside, moved)
             raise
         _fsync_dir(folder)
-        shutil.rmtree(aside)
+        if aside.is_dir():
+            shutil.rmtree(aside)
         done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)

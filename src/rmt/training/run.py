@@ -295,8 +295,8 @@ class TrainingRun:
         if checkpoint is not None:
             self._check_resumable(checkpoint, resume)
         if self.info.is_main:
-            if checkpoint is None:  # a new run; with --overwrite the old one is set aside until our first checkpoint
-                self.directory.start(replace=cfg.overwrite)
+            if checkpoint is None:  # a new run: one it replaces is set aside until our first checkpoint
+                self.directory.start()
             save_config(cfg, self.output / "config.yaml")
         barrier(self.info)
         self._started = True

@@ -157,11 +157,11 @@ class RunDirectory:
         self._lock_fd = fd
 
     # ----------------------------------------------------------------------------- replacing
-    def start(self, replace: bool) -> None:
-        """A new run starts writing here: with ``replace`` (``--overwrite``) the old run's files are moved
-        aside until :meth:`commit` (module doc)."""
-        if replace:
-            self._replacing = bool(set_aside(self.path, [p.name for p in self.run_files()], self.path / _ASIDE))
+    def start(self) -> None:
+        """A new run starts writing here: the files of a run already here (``--overwrite``, or the remains
+        of a run without ``last.pth`` under ``--resume auto``) are moved aside until :meth:`commit`
+        (module doc)."""
+        self._replacing = bool(set_aside(self.path, [p.name for p in self.run_files()], self.path / _ASIDE))
         self._fresh = True
 
     @property
