@@ -216,7 +216,8 @@ def test_resume_of_another_model(tmp_path, capsys):
     saved_config = (result.output / "config.yaml").read_text()
     code = main(["train", "--output", str(result.output), "--resume", "auto", "--model", "rmt_s", "--epochs", "2",
                  "--img-size", "16", "--max-train-samples", "96"])
-    assert code == 2 and "checkpoint is for rmt_t, not rmt_s" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "not the same run" in err and "model rmt_t -> rmt_s" in err
     assert (result.output / "config.yaml").read_text() == saved_config  # refused before anything was written
 
 

@@ -144,8 +144,7 @@ def test_cli_train_resume_eval_predict(shapes, tmp_path, capsys):
     assert "done: upernet with rmt_t" in capsys.readouterr().out
     for name in ("config.yaml", "metrics.csv", "last.pth", "best.pth", "model.safetensors"):
         assert (out / name).is_file(), name
-    assert main(["seg", "train", "--config", str(out / "config.yaml"), "--max-iters", "3", "--eval-interval", "1",
-                 "--resume", "auto"]) == 0
+    assert main(["seg", "train", "--config", str(out / "config.yaml"), "--max-iters", "3", "--resume", "auto"]) == 0
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["iteration"] for r in rows] == ["2", "3"] and all(0 <= float(r["mIoU"]) <= 100 for r in rows)

@@ -142,7 +142,7 @@ def _add_demo(sub) -> None:
 def _cmd_token_labels(args) -> int:
     result = generate_token_labels(args.teacher, args.data, args.output, checkpoint=args.checkpoint,
                                    img_size=args.img_size, topk=args.topk, batch_size=args.batch_size,
-                                   workers=args.workers, device=args.device)
+                                   workers=args.workers, device=args.device, overwrite=args.overwrite)
     h, w = result["grid"] or (0, 0)
     print(f"wrote {result['images']} label maps ({h}x{w}, top-{args.topk} of {result['num_classes']} classes) "
           f"to {result['output']}" + (f"; skipped {result['skipped']} unreadable images" if result["skipped"] else ""))
@@ -161,6 +161,9 @@ def _add_token_labels(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--workers", type=non_negative_int, default=4)
     p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that is not empty, replacing its class folders of the same names (once "
+                        "all the new maps are written)")
     p.set_defaults(func=_cmd_token_labels)
 
 

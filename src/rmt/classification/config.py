@@ -23,6 +23,7 @@ __all__ = ["ClassificationConfig"]
 @dataclass
 class ClassificationConfig(RunConfig):
     task = "classification"
+    may_change_on_resume = RunConfig.may_change_on_resume + ("epochs", "channels_last")
 
     # model
     model: str = option("rmt_t", "model name (rmt_t, rmt_s, rmt_b, rmt_l)")
@@ -89,6 +90,14 @@ class ClassificationConfig(RunConfig):
             self.aa = None
         if self.scale[0] > self.scale[1]:
             raise RMTError(f"scale must be (low, high), got {list(self.scale)}")
+        if self.batch_size == 1 and self.img_size <= 32:  # RMT's feature map is img_size / 32 (rounded up)
+            raise RMTError(f"batch_size 1 with img_size {self.img_size}: the last feature map is 1x1, so its "
+                           f"BatchNorm would see one value per channel in training; use --batch-size 2 or more, or "
+                           f"--img-size 33 or more")
+        if self.batch_size == 1 and not self.token_label_data and (self.mixup > 0 or self.cutmix > 0) \
+                and self.mixup_prob > 0:
+            raise RMTError("batch_size 1 with mixup/cutmix: they mix pairs of images of a batch; use --batch-size 2 "
+                           "or more, or --mixup 0 --cutmix 0")
         if self.data is None and self.token_label_data:
             raise RMTError("token-labelling training needs an image folder: pass --data as well")
         optimizers = list_optimizers()

@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 from ..data.folder import BadSample, ImageFolderDataset, collate_skip_bad
 from ..data.token_label import label_path, write_label_map
 from ..errors import RMTError, shorten
-from ..files import atomic_write
+from ..files import atomic_write, output_folder
 from ..models.factory import create_model, list_models
 from ..models.weights import read_state_dict
 from ..training.distributed import resolve_device
@@ -88,14 +88,20 @@ class _Indexed(Dataset):
 def generate_token_labels(teacher: str, data: str | os.PathLike, output: str | os.PathLike,
                           checkpoint: Optional[str] = None, img_size: Optional[int] = None, topk: int = 5,
                           batch_size: int = 32, workers: int = 4, device: str = "auto",
-                          progress: bool = True) -> Dict[str, Any]:
+                          progress: bool = True, overwrite: bool = False) -> Dict[str, Any]:
     """Write ``OUTPUT/<class>/<stem>.pt`` label maps for every image of the folder ``data``.
 
-    Each map is written atomically. Returns ``{"images", "skipped", "grid": [h, w], "num_classes"}``.
+    An ``output`` folder that holds files is refused unless ``overwrite``; the maps are written into
+    a staging folder inside it and replace the class folders of the same names only once all are
+    written (:func:`rmt.files.output_folder`). Returns ``{"images", "skipped", "grid": [h, w],
+    "num_classes"}``.
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise RMTError(f"--output {output} is a file; give the directory to write the label maps into")
+    if output.is_dir() and not overwrite and any(output.iterdir()):
+        raise RMTError(f"--output {output} is not empty; choose a new or empty folder, or replace the label maps "
+                       f"of its class folders with --overwrite")
     if batch_size < 1:
         raise RMTError(f"--batch-size must be positive, got {batch_size}")
     model = build_teacher(teacher, checkpoint)
@@ -114,18 +120,19 @@ def generate_token_labels(teacher: str, data: str | os.PathLike, output: str | o
     dataset = _Indexed(ImageFolderDataset(data, transform=transform))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad)
     written, skipped, grid = 0, [], None
-    for batch, bad in progress_bar(loader, progress, desc="token labels"):
-        skipped.extend(bad)
-        if batch is None:
-            continue
-        images, positions = batch
-        logits = dense_teacher_logits(model, images.to(torch_device)).float()
-        scores, indices = logits.topk(min(topk, logits.shape[1]), dim=1)
-        grid = list(logits.shape[-2:])
-        for position, s, i in zip(positions.tolist(), scores.cpu(), indices.cpu()):
-            path = label_path(output, dataset.folder.samples[position][0])
-            atomic_write(path, lambda tmp, s=s, i=i: write_label_map(tmp, s, i))
-            written += 1
+    with output_folder(output, overwrite) as staging:
+        for batch, bad in progress_bar(loader, progress, desc="token labels"):
+            skipped.extend(bad)
+            if batch is None:
+                continue
+            images, positions = batch
+            logits = dense_teacher_logits(model, images.to(torch_device)).float()
+            scores, indices = logits.topk(min(topk, logits.shape[1]), dim=1)
+            grid = list(logits.shape[-2:])
+            for position, s, i in zip(positions.tolist(), scores.cpu(), indices.cpu()):
+                path = label_path(staging, dataset.folder.samples[position][0])
+                atomic_write(path, lambda tmp, s=s, i=i: write_label_map(tmp, s, i))
+                written += 1
     if skipped:
         _logger.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0][0])
     return dict(images=written, skipped=len(skipped), grid=grid, num_classes=num_classes, output=str(output))

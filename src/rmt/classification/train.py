@@ -137,5 +137,6 @@ def train(cfg: ClassificationConfig) -> RunResult:
             model.load_state_dict(read_state_dict(run.output / "model.safetensors"))
             save_hub_folder(model, run.output / "hub", model_name=cfg.model, class_names=data.classes,
                             data_config=data.data_config, metrics={"val_top1": result.best_value,
-                                                                   "epoch": result.best_at})
+                                                                   "epoch": result.best_at},
+                            overwrite=True)  # hub/ is the run's own (a resumed run rewrites it)
         return result

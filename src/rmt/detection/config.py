@@ -22,6 +22,7 @@ ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet", "cascade_mask_rcnn")
 class DetConfig(DenseRunConfig):
     task = "detection"
     alias = "det"
+    may_change_on_resume = DenseRunConfig.may_change_on_resume + ("epochs",)
 
     train_split: str = option("train2017", "training split")
     val_split: str = option("val2017", "validation split")

@@ -35,8 +35,7 @@ DRAWN = 2  # validation images drawn with their detections for the run's tracker
 
 METRIC_COLUMNS = ["epoch", "iteration", "train_loss", "lr", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
                   "segm_AP50", "segm_AP75", "seconds"]
-SPEC = RoundSpec(metric="bbox_AP", columns=METRIC_COLUMNS, plotted=("bbox_AP", "bbox_AP50", "segm_AP"),
-                 same_on_resume=("arch", "backbone"))
+SPEC = RoundSpec(metric="bbox_AP", columns=METRIC_COLUMNS, plotted=("bbox_AP", "bbox_AP50", "segm_AP"))
 
 
 @dataclass

@@ -131,6 +131,7 @@ def convert_checkpoint(
     model_name: Optional[str] = None,
     use_ema: bool = False,
     hub: Optional[bool] = None,
+    overwrite: bool = False,
 ) -> Tuple[str, Path]:
     """Convert a checkpoint (official, a run's, or ours) to our safetensors file or a Hub-layout folder.
 
@@ -138,7 +139,9 @@ def convert_checkpoint(
     with ``hub=True``) as a folder in timm's Hub layout (:func:`rmt.models.hub.save_hub_folder`).
     The variant is read off the weights unless ``model_name`` is given; the weights are loaded into
     that model (which checks every key and shape) and saved from it, with the class names and data
-    config of a run checkpoint when the source has them. Returns ``(model_name, dst)``.
+    config of a run checkpoint when the source has them. A folder that already holds files is refused
+    unless ``overwrite`` (then its model files are replaced, see ``save_hub_folder``). Returns
+    ``(model_name, dst)``.
     """
     dst = Path(dst)
     if hub is None:
@@ -166,7 +169,7 @@ def convert_checkpoint(
         class_names = None  # names of another head: the weights decide
     if hub:
         folder = save_hub_folder(model, dst, model_name=base, class_names=class_names, data_config=data_config,
-                                 source=src.name)
+                                 source=src.name, overwrite=overwrite)
         return base, folder
     metadata = dict(model=base, token_label=token_label, num_classes=num_classes, source=src.name)
     if class_names is not None:

@@ -31,7 +31,7 @@ import timm
 from torch import nn
 
 from ..errors import RMTError, shorten
-from ..files import atomic_write_text
+from ..files import atomic_write_text, output_folder
 from .rmt import MODEL_ARGS, RMT, default_cfgs
 from .weights import read_metadata, save_weights
 
@@ -141,12 +141,15 @@ def save_hub_folder(
     data_config: Optional[Mapping[str, Any]] = None,
     source: Optional[str] = None,
     metrics: Optional[Mapping[str, float]] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` to ``folder`` in timm's Hub layout (see the module docstring); returns ``folder``.
 
     Args:
         model: an :class:`rmt.models.RMT` (any class count; with or without the token-labelling head).
-        folder: created if needed; the three files in it are replaced (each one atomically).
+        folder: created if needed. A folder that holds files is refused unless ``overwrite``: then the
+            three files replace those of the same names (other files are kept), as one replacement
+            (:func:`rmt.files.output_folder`: the old files stay until the three new ones exist).
         model_name: the registered variant it is built as (``rmt_t``, ``rmt_s``, ...); architecture
             arguments of ``model`` that differ from the variant's go to ``model_args``.
         class_names: one per output (written as ``label_names``); ``None`` when unknown.
@@ -155,6 +158,7 @@ def save_hub_folder(
             default: the variant's ``pretrained_cfg`` (ImageNet, 224 px).
         source: where the weights came from (a file name), for the model card.
         metrics: e.g. ``{"val_top1": 98.6}``, for the model card.
+        overwrite: replace the model files of a folder that is not empty (``--overwrite``).
     """
     if model_name not in MODEL_ARGS:
         raise RMTError(f"unknown model {model_name!r}: choose from {', '.join(MODEL_ARGS)}")
@@ -184,19 +188,17 @@ def save_hub_folder(
     config["pretrained_cfg"] = pretrained_cfg
 
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise RMTError(f"{folder} exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
     metadata = dict(model=model_name, num_classes=num_classes, token_label=token_label,
                     data_config={**{k: pretrained_cfg[k] for k in _DATA_KEYS}, **data_config})
     if class_names is not None:
         metadata["class_names"] = class_names
     if source:
         metadata["source"] = source
-    save_weights(model, folder / HUB_WEIGHTS, metadata)  # config.json last: a folder that has it is complete
-    atomic_write_text(folder / HUB_CARD, _model_card(model_name, model, config, data_config, source, metrics,
-                                                     class_names))
-    atomic_write_text(folder / HUB_CONFIG, json.dumps(config, indent=2) + "\n")
+    with output_folder(folder, overwrite) as staging:  # config.json last: a folder that has it is complete
+        save_weights(model, staging / HUB_WEIGHTS, metadata)
+        atomic_write_text(staging / HUB_CARD, _model_card(model_name, model, config, data_config, source, metrics,
+                                                          class_names))
+        atomic_write_text(staging / HUB_CONFIG, json.dumps(config, indent=2) + "\n")
     return folder
 
 

@@ -22,6 +22,7 @@ ARCHS = ("upernet", "semantic_fpn")
 class SegConfig(DenseRunConfig):
     task = "segmentation"
     alias = "seg"
+    may_change_on_resume = DenseRunConfig.may_change_on_resume + ("max_iters",)
 
     train_split: str = option("training", "training split (images/<split>, annotations/<split>)")
     val_split: str = option("validation", "validation split")

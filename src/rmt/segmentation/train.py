@@ -35,8 +35,7 @@ __all__ = ["train", "segmentation_data", "class_names_for", "METRIC_COLUMNS"]
 DRAWN = 2  # validation images drawn with their segmentation for the run's trackers, at each evaluation
 
 METRIC_COLUMNS = ["iteration", "epoch", "train_loss", "lr", "mIoU", "mAcc", "aAcc", "seconds"]
-SPEC = RoundSpec(metric="mIoU", columns=METRIC_COLUMNS, plotted=("mIoU", "mAcc"), unit="iteration",
-                 same_on_resume=("arch", "backbone"))
+SPEC = RoundSpec(metric="mIoU", columns=METRIC_COLUMNS, plotted=("mIoU", "mAcc"), unit="iteration")
 
 
 @dataclass

@@ -71,7 +71,7 @@ def _add_flops(sub) -> None:
 # ------------------------------------------------------------------------------------ convert
 def _cmd_convert(args) -> int:
     name, path = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=args.use_ema,
-                                    hub=True if args.hub else None)
+                                    hub=True if args.hub else None, overwrite=args.overwrite)
     kind = "Hub-layout folder: config.json, model.safetensors, README.md" if path.is_dir() else "safetensors"
     print(f"converted {args.input} -> {path} ({name}; {kind})")
     return 0
@@ -89,6 +89,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--hub", action="store_true", help="write a Hub-layout folder whatever OUTPUT's name")
     p.add_argument("--model", default=None, help="variant (default: read off the weights)")
     p.add_argument("--use-ema", action="store_true", help="take the EMA weights when the file has them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that is not empty, replacing its config.json, model.safetensors and "
+                        "README.md (other files are kept; the old ones stay until the new ones are written)")
     p.set_defaults(func=_cmd_convert)
 
 

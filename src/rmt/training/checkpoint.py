@@ -18,6 +18,7 @@ dicts of plain types and tensors, readable with ``weights_only=True``::
     ranks       one entry per process: its random-number state and its share of the loss sums of
                 the current round
     world_size  how many processes wrote it
+    precision   what the run computed in (``float32``, ``bf16 autocast``, ...; absent in older files)
 
 :func:`read_run_checkpoint` is the only reader; it checks the format and the task.
 """
@@ -73,6 +74,7 @@ class RunCheckpoint:
     history: List[Dict[str, Any]]
     ranks: List[Dict[str, Any]]
     world_size: int = 1
+    precision: Optional[str] = None
     model_ema: Optional[Dict[str, torch.Tensor]] = None
     scheduler: Optional[Dict[str, Any]] = None
     scaler: Optional[Dict[str, Any]] = None
@@ -90,7 +92,7 @@ class RunCheckpoint:
         return {"format": RUN_FORMAT, "version": RUN_VERSION, META_KEY: self.meta, **dict( model=self.model,
                     model_ema=self.model_ema, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                     progress=self.progress.to_dict(), history=self.history, ranks=self.ranks,
-                    world_size=self.world_size)}
+                    world_size=self.world_size, precision=self.precision)}
 
 
 def is_run_checkpoint(obj: Any) -> bool:
@@ -109,7 +111,8 @@ def read_run_checkpoint(path: str | os.PathLike, task: Optional[str] = None) -> 
                        f"version {RUN_VERSION})")
     ckpt = RunCheckpoint(meta=raw[META_KEY], model=raw["model"], optimizer=raw["optimizer"],
                          progress=Progress.from_dict(raw["progress"]), history=list(raw["history"]),
-                         ranks=list(raw["ranks"]), world_size=int(raw["world_size"]), model_ema=raw.get("model_ema"),
+                         ranks=list(raw["ranks"]), world_size=int(raw["world_size"]), precision=raw.get("precision"),
+                         model_ema=raw.get("model_ema"),
                          scheduler=raw.get("scheduler"), scaler=raw.get("scaler"))
     if task is not None and ckpt.task != task:
         raise RMTError(f"{path} is a {ckpt.task} checkpoint, not a {task} one")

@@ -11,7 +11,10 @@ One mechanism, parametrised by the task's dataclass:
 * :func:`add_config_flags` makes one flag per field (``batch_size`` -> ``--batch-size``; a list
   field's flag takes several values, separated by spaces or commas, and may be repeated) and
   :func:`flag_overrides` reads back the ones given;
-* :meth:`RunConfig.check` is where a task adds checks that span several fields.
+* :meth:`RunConfig.check` is where a task adds checks that span several fields;
+* :meth:`RunConfig.resume_changes` says which settings a resumed run changes: a resume is the same
+  run, so every field changes the result and must keep its saved value, except those the class
+  lists in ``may_change_on_resume`` (where the files go, how it loads data and logs, how long it runs).
 
 Unknown keys and bad values raise :class:`rmt.errors.RMTError` naming the key, in one short line
 (values are quoted shortened). Reading is bounded: YAML aliases may expand a file to at most
@@ -31,7 +34,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
@@ -41,7 +44,7 @@ from .tracking import LOG_TO_CHOICES
 
 __all__ = ["CONFIG_DIR", "RunConfig", "DenseRunConfig", "option", "load_config", "config_from_dict", "save_config",
            "bundled_configs", "resolve_config", "add_config_flags", "flag_overrides", "config_from_flags",
-           "config_to_yaml"]
+           "config_to_yaml", "describe_changes"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 C = TypeVar("C", bound="RunConfig")
@@ -77,6 +80,10 @@ class RunConfig:
 
     task: ClassVar[str] = ""
     alias: ClassVar[str] = ""
+    #: fields a resumed run may change (they do not change what the run computes); a task adds its length
+    may_change_on_resume: ClassVar[Tuple[str, ...]] = (
+        "output", "resume", "overwrite", "workers", "log_interval", "checkpoint_interval", "keep_checkpoints",
+        "max_bad_steps", "device", "grad_checkpointing", "log_to")
 
     # data
     data: Optional[str] = option(None, "dataset root (default: the task's bundled demo data)")
@@ -146,6 +153,20 @@ class RunConfig:
         """Checks across fields (a task's subclass extends it). Raise :class:`RMTError`."""
         if "none" in self.log_to and len(set(self.log_to)) > 1:
             raise RMTError(f"log_to: none cannot be combined with other trackers, got {','.join(self.log_to)}")
+
+    def resume_changes(self, saved: Dict[str, Any]) -> Tuple[List[Tuple[str, Any, Any]], List[Tuple[str, Any, Any]]]:
+        """How this config differs from ``saved`` (the config a checkpoint was written with):
+        ``(refused, allowed)``, each a list of ``(field, saved value, value here)``; ``allowed`` holds the
+        fields of ``may_change_on_resume``. Fields that ``saved`` lacks (an older version's) are skipped, and
+        so are ``resume`` and ``overwrite``."""
+        refused, allowed = [], []
+        for name, value in self.to_dict().items():
+            if name not in saved or name in ("resume", "overwrite"):  # how this start was asked for, not a setting
+                continue
+            before = list(saved[name]) if isinstance(saved[name], tuple) else saved[name]
+            if before != value:
+                (allowed if name in self.may_change_on_resume else refused).append((name, before, value))
+        return refused, allowed
 
 
 @dataclass
@@ -352,6 +373,16 @@ def load_config(cls: Type[C], config: Optional[str] = None, overrides: Optional[
 def config_from_dict(cls: Type[C], data: Dict[str, Any]) -> C:
     """A config from a saved dict (a run's ``config.yaml`` or a checkpoint's copy), validated."""
     return cls(**_checked(cls, data, source="saved config")).validate()
+
+
+def describe_changes(changes: Sequence[Tuple[str, Any, Any]], limit: int = 8) -> str:
+    """``lr 0.002 -> 0.5, batch_size 64 -> 8`` (saved -> given), at most ``limit`` entries, values shortened."""
+    def short(value: Any) -> str:
+        text = "none" if value is None else str(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    text = ", ".join(f"{name} {short(before)} -> {short(after)}" for name, before, after in changes[:limit])
+    return text + (f" (and {len(changes) - limit} more)" if len(changes) > limit else "")
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

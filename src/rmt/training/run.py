@@ -26,11 +26,20 @@ What it does for the loop:
   only once the start has passed its checks;
 * **resume**: ``--resume auto|PATH`` restores weights, EMA, optimizer, schedule, scaler, progress,
   history, and each process's random state and loss sums, so that a resumed run ends bit for bit
-  where an uninterrupted one would (same seed, device, thread and process count);
+  where an uninterrupted one would (same seed, device, thread and process count). A resume is the
+  same run: every setting that changes the result must be the saved one (the config's
+  :meth:`rmt.training.config.RunConfig.resume_changes`, the classes, the process count, the
+  precision), or the resume is refused with one line naming them; the settings that may change are
+  logged and recorded in ``resumes.log``. The learning-rate schedule follows the config (a longer
+  run stretches it, as timm's train.py does) from the restored update count;
 * **the optimizer step**: gradient accumulation (DDP ``no_sync`` on the batches that do not step),
   the fp16 gradient scaler, gradient clipping, the EMA update, the schedule's per-update step;
 * **signals**: SIGTERM/SIGINT stop the run at the next optimizer-step boundary; ``last.pth`` is
-  written and :class:`rmt.errors.RunInterrupted` raised (exit status 128 + signal);
+  written and :class:`rmt.errors.RunInterrupted` raised (exit status 128 + signal). A signal that
+  arrives after the last round (while the task writes its final files) lets those writes finish,
+  then raises it too: a run that received a signal never ends with status 0. A new run that replaces
+  another (``--overwrite``) and has no checkpoint yet stops at once instead, and the run it
+  replaces is put back (rmt.training.rundir);
 * **checkpoints**: ``last.pth`` at every evaluation (and every ``checkpoint_interval`` updates),
   ``best.pth`` + ``model.safetensors`` when the evaluation improved, retention of the last N;
 * **logging** (rmt.training.tracking): TensorBoard / W&B / MLflow (``--log-to``) through ``run.trackers``,
@@ -45,10 +54,8 @@ Policies (the same for every task):
   device. With ``max_bad_steps`` N > 0 every loss is checked (a sync per step), up to N bad steps
   are skipped (their gradients dropped and their BatchNorm statistics restored), and the N+1-th
   stops the run. Weights that are not finite at an evaluation stop the run the same way.
-* **resuming with another number of processes**: accepted at an epoch boundary (the data order
-  from then on is the new process count's, and the random states are re-seeded, so the run is
-  no longer bitwise reproducible); refused in the middle of an epoch, whose remaining samples are
-  sharded by the old process count.
+* **BatchNorm with one value per channel** (a per-process batch of 1 on a small feature map) is
+  refused as bad input (exit status 2) naming the input, instead of PyTorch's ValueError.
 """
 from __future__ import annotations
 
@@ -70,10 +77,10 @@ from tqdm import tqdm
 
 from ..data.sampling import ResumableSampler, SeededDataset
 from ..errors import NonFiniteLossError, RMTError, RunInterrupted
-from ..files import atomic_save
+from ..files import atomic_save, atomic_write_text
 from ..models.weights import save_weights
 from .checkpoint import Progress, RunCheckpoint, read_run_checkpoint
-from .config import RunConfig, config_to_yaml, save_config
+from .config import RunConfig, config_to_yaml, describe_changes, save_config
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -100,6 +107,13 @@ def progress_bar(iterable, enabled: bool = True, **kwargs):
     return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kwargs)
 
 
+def _classes(names: Optional[Sequence[str]]) -> str:
+    if names is None:
+        return "none"
+    shown = ", ".join(map(str, names[:3])) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} ({shown})"
+
+
 def constant_buffers(model: nn.Module) -> List[str]:
     """The names of the buffers that ``model``'s modules declare constant (``constant_buffers``)."""
     return [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
@@ -120,14 +134,13 @@ class RoundSpec:
     ``metric``: the row entry that picks ``best.pth`` (higher is better). ``columns``: the columns of
     ``metrics.csv``. ``unit``: ``"epoch"`` or ``"iteration"``, what the retained checkpoints are
     numbered by and the curves' x axis. ``plotted``: the metrics drawn in ``curves.png`` next to the
-    losses ``losses``. ``same_on_resume``: config keys a resumed run must share with its checkpoint."""
+    losses ``losses``."""
 
     metric: str
     columns: Sequence[str]
     plotted: Sequence[str]
     unit: str = "epoch"
     losses: Sequence[str] = ("train_loss",)
-    same_on_resume: Sequence[str] = ()
     time_column: str = "seconds"
 
 
@@ -170,6 +183,7 @@ class TrainingRun:
         self._stop_signal: Optional[int] = None
         self._previous_handlers: Dict[int, Any] = {}
         self._started = False
+        self._changed: List[Tuple[str, Any, Any]] = []  # settings a resume changed (module doc)
         self._new_round()
         self._completes_update = True
         self._saved_norms: Optional[List[torch.Tensor]] = None
@@ -184,13 +198,23 @@ class TrainingRun:
     def __exit__(self, kind, error, traceback) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
-        interrupted = kind is not None and issubclass(kind, (RunInterrupted, KeyboardInterrupt))
-        self.trackers.close("FINISHED" if kind is None else "KILLED" if interrupted else "FAILED")
-        if self.info.is_main:
-            self.directory.release(failed=not self._started)
-        cleanup(self.info)
+        interrupted = self._stop_signal is not None or (
+            kind is not None and issubclass(kind, (RunInterrupted, KeyboardInterrupt)))
+        self.trackers.close("KILLED" if interrupted else "FAILED" if kind is not None else "FINISHED")
+        try:
+            if self.info.is_main:
+                self.directory.release(failed=kind is not None)
+        finally:
+            cleanup(self.info)
+        if kind is None and self._stop_signal is not None:  # a signal during the final writes: they are done
+            name = signal.Signals(self._stop_signal).name
+            raise RunInterrupted(self._stop_signal, f"interrupted by {name} after the last round; {self.output} "
+                                                    f"holds the finished run (its final files were completed)")
 
     def _on_signal(self, signum, frame) -> None:
+        if self.info.is_main and self.directory.replacing:  # stop now: the run it replaces is put back on exit
+            raise RunInterrupted(signum, f"interrupted by {signal.Signals(signum).name} before the new run's first "
+                                         f"checkpoint: the run it was replacing is back in {self.output}")
         if not self._started or self._stop_signal is not None:  # nothing to save yet, or asked twice: stop now
             raise KeyboardInterrupt if signum == signal.SIGINT else RunInterrupted(signum)
         self._stop_signal = signum  # the loop stops at the next optimizer-step boundary, after saving
@@ -280,13 +304,15 @@ class TrainingRun:
         if checkpoint is not None:
             self._check_resumable(checkpoint, resume)
         if self.info.is_main:
-            if cfg.overwrite and checkpoint is None:
-                self.directory.clear()
+            if checkpoint is None:  # a new run: one it replaces is set aside until our first checkpoint
+                self.directory.start()
             save_config(cfg, self.output / "config.yaml")
         barrier(self.info)
         self._started = True
         if checkpoint is not None:
             self._load(checkpoint, resume)
+            if self._changed and self.info.is_main:
+                self._record_changes(resume)
         if self.info.is_main:  # the derived files follow the checkpoint (a kill may have cut them short)
             self._write_derived()
             about = dict(task=self.task, device=self.device, precision=self.precision,
@@ -310,37 +336,49 @@ class TrainingRun:
         return None
 
     def _check_resumable(self, ckpt: RunCheckpoint, path: Path) -> None:
-        """Refuse a checkpoint of another model, class list or config (before anything is written)."""
-        if ckpt.meta.get("model") != self.meta.get("model"):
-            raise RMTError(f"--resume {path}: the checkpoint is for {ckpt.meta.get('model')}, not "
-                           f"{self.meta.get('model')}")
-        if ckpt.meta.get("class_names") != self.meta.get("class_names"):
-            raise RMTError(f"--resume {path}: the checkpoint's classes differ from the dataset's")
-        for key in self.spec.same_on_resume:
-            if ckpt.config.get(key) != getattr(self.cfg, key):
-                raise RMTError(f"--resume {path}: the checkpoint has {key} {ckpt.config.get(key)}, the config "
-                               f"{getattr(self.cfg, key)}")
-        if ckpt.world_size != self.info.world_size and ckpt.progress.step > 0:
-            raise RMTError(f"--resume {path}: saved in the middle of an epoch by {ckpt.world_size} process(es); "
-                           f"resume it with {ckpt.world_size}, or from a checkpoint at an epoch boundary")
+        """Refuse to resume with a setting that changes the result (before anything is written); keep
+        the settings that may change in ``self._changed`` (module doc)."""
+        refused, self._changed = self.cfg.resume_changes(ckpt.config)
+        saved_names, names = ckpt.meta.get("class_names"), self.meta.get("class_names")
+        if saved_names != names:
+            refused.append(("classes", _classes(saved_names), _classes(names)))
+        if ckpt.world_size != self.info.world_size:
+            refused.append(("processes", ckpt.world_size, self.info.world_size))
+        if ckpt.precision is not None and ckpt.precision != self.precision:
+            refused.append(("precision", ckpt.precision, self.precision))
+        if refused:
+            raise RMTError(f"--resume {path}: not the same run, the settings that change the result must be the "
+                           f"saved ones: {describe_changes(refused)}. Resume it with its saved settings "
+                           f"({self.restart_command}), or start a new run with another --output (or --overwrite)")
+
+    def _record_changes(self, path: Path) -> None:
+        """Log the settings a resume changed and add a line to ``resumes.log`` (module doc)."""
+        line = (f"resumed from {path} at epoch {self.progress.epoch + 1}, iteration {self.progress.iteration}, "
+                f"with changed settings: {describe_changes(self._changed)}")
+        self.log(line)
+        log = self.output / "resumes.log"
+        before = log.read_text() if log.is_file() else ""
+        atomic_write_text(log, before + f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def _load(self, ckpt: RunCheckpoint, path: Path) -> None:
         self.model.load_state_dict(ckpt.model)
         if self.ema is not None and ckpt.model_ema is not None:
             self.ema.module.load_state_dict(ckpt.model_ema)
         self.optimizer.load_state_dict(ckpt.optimizer)
-        if self.scheduler is not None and ckpt.scheduler is not None:
-            self.scheduler.load_state_dict(ckpt.scheduler)
         if self.scaler is not None and ckpt.scaler:
             self.scaler.load_state_dict(ckpt.scaler)
         self.progress, self.history = ckpt.progress, list(ckpt.history)
-        if ckpt.world_size == self.info.world_size:
-            mine = ckpt.ranks[self.info.rank]
-            set_rng_state(mine["rng"])
-            self._loss_sum = torch.tensor(mine["loss_sum"], dtype=torch.float64, device=self.device)
-            self._loss_count = mine["loss_count"]
-        else:  # another process count, at an epoch boundary (see the module doc)
-            seed_everything(self.cfg.seed + self.info.rank + 1000 * self.progress.epoch)
+        if self.scheduler is not None:
+            if hasattr(self.scheduler, "step_update"):
+                # timm's schedules are a function of the update count and the config (their state dict holds
+                # only the config's values): the config's schedule, at the restored update count
+                self.scheduler.step_update(num_updates=self.progress.iteration)
+            elif ckpt.scheduler is not None:  # torch's hold their step; their lambdas read the config
+                self.scheduler.load_state_dict(ckpt.scheduler)
+        mine = ckpt.ranks[self.info.rank]
+        set_rng_state(mine["rng"])
+        self._loss_sum = torch.tensor(mine["loss_sum"], dtype=torch.float64, device=self.device)
+        self._loss_count = mine["loss_count"]
         where = f"epoch {self.progress.epoch + 1}" + (f", step {self.progress.step}" if self.progress.step else "")
         self.log(f"resumed from {path} at {where}, iteration {self.progress.iteration}")
 
@@ -382,9 +420,20 @@ class TrainingRun:
             return ddp.no_sync()
         return contextlib.nullcontext()
 
-    def autocast(self) -> ContextManager:
-        """Autocast to the run's dtype (nothing for float32)."""
-        return autocast(self.device, self.amp_dtype)
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Autocast to the run's dtype (nothing for float32), around a training forward: a BatchNorm layer
+        that gets one value per channel is reported as bad input (module doc)."""
+        try:
+            with autocast(self.device, self.amp_dtype):
+                yield
+        except ValueError as e:
+            if "Expected more than 1 value per channel when training" not in str(e):
+                raise
+            shape = str(e).rpartition("input size ")[2].replace("torch.Size", "")
+            raise RMTError(f"a BatchNorm layer gets one value per channel in training (its input is {shape}): "
+                           f"{self.cfg.batch_size} image(s) per process per step is too few at this input size; "
+                           f"use --batch-size 2 or more (or larger inputs)") from None
 
     def backward(self, loss: torch.Tensor, count: int = 1) -> bool:
         """Backward of one batch's ``loss`` (over ``count`` images), and the optimizer step when the batch
@@ -546,7 +595,8 @@ class TrainingRun:
         return RunCheckpoint(
             meta=self.meta, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             progress=Progress.from_dict(self.progress.to_dict()), history=list(self.history), ranks=ranks,
-            world_size=self.info.world_size, model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+            world_size=self.info.world_size, precision=self.precision,
+            model_ema=self.ema.module.state_dict() if self.ema is not None else None,
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             scaler=self.scaler.state_dict() if self.scaler is not None else None)
 
@@ -557,6 +607,7 @@ class TrainingRun:
         if self.info.is_main:
             self.trackers.flush()  # what was logged up to the checkpoint is on disk before it
             atomic_save(checkpoint.to_dict(), path)
+            self.directory.commit()
         barrier(self.info)
         return path
 
@@ -572,6 +623,7 @@ class TrainingRun:
                 meta = dict(self.meta, metrics=metrics)
                 save_weights(self.model, self.output / "model.safetensors", meta)
             last = atomic_save(state, self.output / "last.pth")
+            self.directory.commit()
             if self.cfg.keep_checkpoints > 0:
                 label = "epoch" if self.spec.unit == "epoch" else "iter"
                 number = row[self.spec.unit]

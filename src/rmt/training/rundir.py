@@ -10,25 +10,34 @@ Every task's run writes the same files into its ``--output`` directory::
     best.pth            the checkpoint of the best evaluation
     model.safetensors   the best weights, with what they are in the metadata (rmt.models.weights)
     hub/                classification: the best weights in timm's Hub layout (rmt.models.hub), at the end
+    resumes.log         one line per resume that changed a setting that may change (rmt.training.config)
     epoch_NNNN.pth / iter_NNNNNNNN.pth   the most recent evaluations' checkpoints (--keep-checkpoints N)
 
-All of them are written atomically (rmt.training.files).
+All of them are written atomically (rmt.files).
 
 Rules (:meth:`RunDirectory.claim`):
 
 * a directory belongs to one run. Starting a new run where another run's files are is refused,
   with what to do: ``--resume auto`` to continue it, another ``--output``, or ``--overwrite`` to
-  replace it (the old run's files are removed only once the new run has passed every check);
+  replace it;
+* replacing is a transaction: ``--overwrite`` moves the old run's files aside (into the hidden
+  ``.replaced-run/``, :meth:`RunDirectory.start`) once the new run has passed every check, deletes
+  them only once the new run has written its first checkpoint (:meth:`RunDirectory.commit`), and puts
+  them back if the new run fails before that (an error, a signal). A process killed in between
+  leaves ``.replaced-run/``: the next run claiming the directory finishes the transaction (the old
+  run back if the new one never wrote ``last.pth``);
 * a lock (``flock`` on the directory itself) is held for the life of the run, so a second process
   training into the same directory is refused while the first runs;
-* nothing is written into the directory before every check of the start has passed; a directory
-  created for a run that then failed to start is removed again.
+* nothing is written into the directory before every check of the start has passed; a new run that
+  fails before its first checkpoint leaves nothing behind: its files are removed, and so are the
+  directory and the parents it created.
 """
 from __future__ import annotations
 
 import csv
 import fcntl
 import io
+import logging
 import math
 import os
 import shutil
@@ -36,13 +45,23 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import RMTError
-from ..files import atomic_copy, atomic_write, atomic_write_text
+from ..files import (
+    atomic_copy,
+    atomic_write,
+    atomic_write_text,
+    make_directories,
+    put_back,
+    remove_empty_directories,
+    set_aside,
+)
 
 __all__ = ["RunDirectory", "RUN_FILES", "format_metric", "read_metrics_csv", "plot_curves"]
 
-RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "model.safetensors", "hub", "wandb",
-             "mlruns")
+RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "last.pth", "best.pth", "model.safetensors", "hub",
+             "resumes.log", "wandb", "mlruns")
 _FILE_PATTERNS = ("epoch_*.pth", "iter_*.pth", "events.out.tfevents.*")
+_ASIDE = ".replaced-run"
+_logger = logging.getLogger("rmt.train")
 
 
 def format_metric(value: Any) -> str:
@@ -92,7 +111,9 @@ class RunDirectory:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock_fd: Optional[int] = None
-        self._created = False
+        self._created: List[Path] = []  # the directories this run created (the run directory and parents)
+        self._fresh = False  # the files in the directory are a new run's that has no checkpoint yet
+        self._replacing = False  # ... and another run's files are set aside for it
 
     # ----------------------------------------------------------------------------- claiming
     def run_files(self) -> List[Path]:
@@ -112,11 +133,11 @@ class RunDirectory:
             raise RMTError(f"--output {self.path} is a file, not a directory")
         if not self.path.exists():
             try:
-                self.path.mkdir(parents=True)
+                self._created = make_directories(self.path)
             except OSError as e:
                 raise RMTError(f"cannot create the run directory {self.path}: {e.strerror or e}") from None
-            self._created = True
         self._lock()
+        self._finish_replacement()
         if resume or overwrite:
             return
         existing = self.run_files()
@@ -136,22 +157,55 @@ class RunDirectory:
                            f"another --output") from None
         self._lock_fd = fd
 
-    def clear(self) -> None:
-        """Remove a previous run's files (for ``--overwrite``, once the new run has passed its checks)."""
-        for path in self.run_files():
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    # ----------------------------------------------------------------------------- replacing
+    def start(self) -> None:
+        """A new run starts writing here: the files of a run already here (``--overwrite``, or the remains
+        of a run without ``last.pth`` under ``--resume auto``) are moved aside until :meth:`commit`
+        (module doc)."""
+        self._replacing = bool(set_aside(self.path, [p.name for p in self.run_files()], self.path / _ASIDE))
+        self._fresh = True
+
+    @property
+    def replacing(self) -> bool:
+        """Whether a new run without a checkpoint yet holds another run's files aside."""
+        return self._fresh and self._replacing
+
+    def commit(self) -> None:
+        """The new run has written its first checkpoint: the old run it replaces is deleted now."""
+        if self._fresh:
+            self._fresh = self._replacing = False  # first: an interruption from here on leaves the new run
+            shutil.rmtree(self.path / _ASIDE, ignore_errors=True)
+
+    def _roll_back(self) -> None:
+        """A new run failed before its first checkpoint: its files go, the old run's come back."""
+        put_back(self.path, self.path / _ASIDE, [p.name for p in self.run_files()])
+        self._fresh = self._replacing = False
+
+    def _finish_replacement(self) -> None:
+        """Complete the replacement of a process that was killed in the middle of one (module doc)."""
+        if not (self.path / _ASIDE).is_dir():
+            return
+        if (self.path / "last.pth").is_file():
+            shutil.rmtree(self.path / _ASIDE)
+        else:
+            self._roll_back()
+            _logger.warning("%s: a run started with --overwrite stopped before its first checkpoint; the run it "
+                            "was replacing is back in place", self.path)
 
     def release(self, failed: bool = False) -> None:
-        """Unlock; after a failed start, remove the directory again if this run created it and it is empty."""
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        if failed and self._created:
-            try:
-                self.path.rmdir()  # only if empty
-            except OSError:
-                pass
+        """Unlock. After a failure, a new run without a checkpoint is rolled back (module doc) and the
+        directories this run created are removed again if they are empty; after a success, the
+        replacement is committed."""
+        try:
+            if self._fresh:
+                self._roll_back() if failed else self.commit()
+            if failed:
+                remove_empty_directories(self._created)
+        finally:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     # ----------------------------------------------------------------------------- files
     def write_metrics(self, rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> None:
