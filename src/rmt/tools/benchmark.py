@@ -210,40 +210,52 @@ class _Runner:
         return tracker.peak / 2**20
 
 
-class _OnnxRunner:
-    """Times one exported model in ONNX Runtime on a fixed input (see the module doc)."""
+class _ExportedRunner:
+    """Times one exported model in an inference runtime on a fixed input (see the module doc): the float32
+    export and its int8 version share one export, made once per model, batch and size in ``workdir``; the
+    float32 row records its largest difference from the eager model (``parity``). A runtime fills in the
+    four hooks below."""
+
+    suffix = ""  # the exported file's suffix
 
     def __init__(self, name: str, model: nn.Module, backend: str, batch: int, size: Tuple[int, int],
                  workdir: Path):
-        from .export import fold_for_export, freeze_masa_tables, write_export
-        from .quantize import onnx_session, quantize_onnx
-
         self.name, self.mode, self.backend = name, "infer", backend
         model = model.eval()
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, *size, generator=g)
         stem = workdir / f"{''.join(c if c.isalnum() else '_' for c in name)}_b{batch}_{size[0]}x{size[1]}"
-        float_path = stem.with_suffix(".onnx")
-        if not float_path.is_file():  # the float32 and the int8 rows of a model share one export
-            graph = freeze_masa_tables(fold_for_export(model), x)
-            write_export(graph, x, "onnx", float_path)
-        path = float_path
-        if backend == "onnxruntime-int8":
-            path = stem.with_suffix(".int8.onnx")
-            if not path.is_file():
+        float_path = stem.with_suffix(self.suffix)
+        if not float_path.is_file():
+            self._export(model, x, float_path)
+        self.path = float_path
+        if backend.endswith("-int8"):
+            self.path = stem.with_suffix(".int8" + self.suffix)
+            if not self.path.is_file():
                 calibration = [torch.randn(batch, 3, *size, generator=g).numpy() for _ in range(2)]
-                quantize_onnx(float_path, path, calibration)
-        self.path = path
-        self.session = onnx_session(path, torch.get_num_threads())
-        self.feed = {self.session.get_inputs()[0].name: x.numpy()}
+                self._quantize(float_path, self.path, calibration)
+        self._open(self.path, x.numpy())
         self.parity = None
-        if backend == "onnxruntime":
+        if not backend.endswith("-int8"):
             with torch.inference_mode():
                 expected = model(x).float()
-            self.parity = float((torch.from_numpy(self.session.run(None, self.feed)[0]) - expected).abs().max())
+            self.parity = float((torch.from_numpy(self._run()) - expected).abs().max())
+
+    def _export(self, model: nn.Module, x: torch.Tensor, path: Path) -> None:
+        raise NotImplementedError
+
+    def _quantize(self, float_path: Path, path: Path, calibration: List) -> None:
+        raise NotImplementedError
+
+    def _open(self, path: Path, feed) -> None:
+        raise NotImplementedError
+
+    def _run(self):
+        """One inference on the fixed input; returns the first output as a NumPy array."""
+        raise NotImplementedError
 
     def step(self) -> None:
-        self.session.run(None, self.feed)
+        self._run()
 
     def timed(self) -> float:
         start = time.perf_counter()
@@ -251,39 +263,54 @@ class _OnnxRunner:
         return (time.perf_counter() - start) * 1000
 
 
-class _OpenVINORunner(_OnnxRunner):
-    """Times one exported model in OpenVINO on a fixed input (see the module doc)."""
+class _OnnxRunner(_ExportedRunner):
+    """ONNX Runtime (``onnxruntime``, ``onnxruntime-int8``)."""
 
-    def __init__(self, name: str, model: nn.Module, backend: str, batch: int, size: Tuple[int, int],
-                 workdir: Path):
+    suffix = ".onnx"
+
+    def _export(self, model, x, path):
+        from .export import fold_for_export, freeze_masa_tables, write_export
+
+        write_export(freeze_masa_tables(fold_for_export(model), x), x, "onnx", path)
+
+    def _quantize(self, float_path, path, calibration):
+        from .quantize import quantize_onnx
+
+        quantize_onnx(float_path, path, calibration)
+
+    def _open(self, path, feed):
+        from .quantize import onnx_session
+
+        self.session = onnx_session(path, torch.get_num_threads())
+        self.feed = {self.session.get_inputs()[0].name: feed}
+
+    def _run(self):
+        return self.session.run(None, self.feed)[0]
+
+
+class _OpenVINORunner(_ExportedRunner):
+    """OpenVINO (``openvino``, ``openvino-int8``)."""
+
+    suffix = ".xml"
+
+    def _export(self, model, x, path):
         from .export import fold_for_export, freeze_masa_tables, write_openvino
-        from .quantize import openvino_compiled, quantize_openvino
 
-        self.name, self.mode, self.backend = name, "infer", backend
-        model = model.eval()
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, 3, *size, generator=g)
-        stem = workdir / f"{''.join(c if c.isalnum() else '_' for c in name)}_b{batch}_{size[0]}x{size[1]}"
-        float_path = stem.with_suffix(".xml")
-        if not float_path.is_file():  # the float32 and the int8 rows of a model share one export
-            write_openvino(freeze_masa_tables(fold_for_export(model), x), x, float_path, dynamic_batch=False)
-        path = float_path
-        if backend == "openvino-int8":
-            path = stem.with_suffix(".int8.xml")
-            if not path.is_file():
-                calibration = [torch.randn(batch, 3, *size, generator=g).numpy() for _ in range(2)]
-                quantize_openvino(float_path, path, calibration)
-        self.path = path
+        write_openvino(freeze_masa_tables(fold_for_export(model), x), x, path, dynamic_batch=False)
+
+    def _quantize(self, float_path, path, calibration):
+        from .quantize import quantize_openvino
+
+        quantize_openvino(float_path, path, calibration)
+
+    def _open(self, path, feed):
+        from .quantize import openvino_compiled
+
         self.request = openvino_compiled(path, torch.get_num_threads()).create_infer_request()
-        self.feed = {0: x.numpy()}
-        self.parity = None
-        if backend == "openvino":
-            with torch.inference_mode():
-                expected = model(x).float()
-            self.parity = float((torch.from_numpy(self.request.infer(self.feed)[0].copy()) - expected).abs().max())
+        self.feed = {0: feed}
 
-    def step(self) -> None:
-        self.request.infer(self.feed)
+    def _run(self):
+        return self.request.infer(self.feed)[0].copy()
 
 
 def profile_onnx(path: str | os.PathLike, batch_size: int, img_size: Tuple[int, int] = (224, 224),
