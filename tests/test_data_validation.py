@@ -284,7 +284,7 @@ def test_a_long_config_value_is_quoted_short(tmp_path, capsys):
     path = tmp_path / "long.yaml"
     path.write_text("lr: " + "x" * 500_000 + "\n")  # before: a 500 KB error line
     err = one_line_error(capsys, main(["train", "--config", str(path)]))
-    assert "config key 'lr': xxx" in err and len(err) < 300
+    assert "config key 'lr': 'xxx" in err and len(err) < 300
     path.write_text("lr: [" + ", ".join(["abc"] * 20_000) + "]\n")
     err = one_line_error(capsys, main(["train", "--config", str(path)]))
     assert "config key 'lr': ['abc', 'abc'" in err and len(err) < 300

@@ -58,6 +58,11 @@ _CHECKS = {
 }
 
 
+def _quoted(value) -> str:
+    """A user's value in a message, quoted as Python writes it (``'ten'``, ``[1, 2]``) and shortened."""
+    return shorten(repr(value) if isinstance(value, str) else value)
+
+
 def option(default: Any, help: str, *, choices: Optional[Tuple[str, ...]] = None, check: Optional[str] = None) -> Any:
     """A config field: its default, a help line, and what values it accepts.
 
@@ -246,7 +251,7 @@ def _coerce(cls: Type[RunConfig], name: str, value: Any) -> Any:
             return tuple(items) if origin is tuple else items
         return _scalar(kind, value)
     except (TypeError, ValueError, OverflowError):
-        raise RMTError(f"config key {name!r}: {shorten(value)} is not a valid {_describe_type(kind)}") from None
+        raise RMTError(f"config key {name!r}: {_quoted(value)} is not a valid {_describe_type(kind)}") from None
 
 
 def _describe_type(kind: Any) -> str:
@@ -264,7 +269,7 @@ def _checked(cls: Type[RunConfig], data: Dict[str, Any], source: str) -> Dict[st
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise RMTError(f"{source}: unknown config key {shorten(key)}{did_you_mean(name[:100], known)}")
+            raise RMTError(f"{source}: unknown config key {_quoted(key)}{did_you_mean(name[:100], known)}")
         out[name] = _coerce(cls, name, value)
     return out
 
