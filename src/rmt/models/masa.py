@@ -326,8 +326,9 @@ class MaSA(nn.Module):
     def forward(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """MaSA of ``x``; with ``residual``/``scale`` given, ``residual + scale * MaSA(x)`` (fused where it can be)."""
-        if self.reparameterized:
-            return self._forward_export(x, tables, residual, scale)
+        if not torch.jit.is_scripting():  # (a static branch: TorchScript does not compile the export form)
+            if self.reparameterized:
+                return self._forward_export(x, tables, residual, scale)
         if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors
             return self._forward_plain(x, tables, residual, scale)
         return self._forward_fast(x, tables, residual, scale)
