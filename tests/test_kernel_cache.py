@@ -60,7 +60,10 @@ def test_a_compiler_that_cannot_resolve_native_turns_the_kernels_off(tmp_path, m
     assert "unrecognized option" in caplog.text
 
 
-def test_build_name_depends_on_flags_too():
+def test_build_name_depends_on_flags_and_torch_too():
     target = "-march=znver3 -mavx2"
     assert kernel.build_name(("-O3",), target) != kernel.build_name(("-O2",), target)
     assert kernel.build_name(("-O3",), target) == kernel.build_name(("-O3",), target)
+    # two environments (a venv beside the system's torch) get a build each
+    assert kernel.build_name(("-O3",), target, "2.14.1 /venv/torch") != kernel.build_name(("-O3",), target,
+                                                                                          "2.14.1 /usr/torch")

@@ -24,8 +24,9 @@ layer norm in inference (ATen's runs at a third of the memory speed in bfloat16)
 
 They are compiled with ``torch.utils.cpp_extension`` the first time they are needed. That takes
 about a minute, and the result is cached in ``~/.cache/torch_extensions`` (or
-``$TORCH_EXTENSIONS_DIR``) for later runs, under a name that digests the flags and the CPU target
-``-march=native`` resolves to (:func:`build_name`), so a cache shared by different CPUs keeps one build each.
+``$TORCH_EXTENSIONS_DIR``) for later runs, under a name that digests the flags, the CPU target
+``-march=native`` resolves to and the torch installation (:func:`build_name`), so a cache shared by
+different CPUs or environments keeps one build each.
 It needs a C++ compiler and ninja. If the build fails,
 MaSA logs one warning and keeps using the PyTorch kernels. ``RMT_CPU_KERNELS=0`` (or
 :func:`use_cpu_kernels`) switches the kernels off.
@@ -85,11 +86,13 @@ def native_target(compiler: Optional[str] = None) -> str:
     return " ".join(target)
 
 
-def build_name(cflags, target: str) -> str:
-    """The name the kernels are built and cached under: a digest of the flags and the resolved target, so
-    that a cache shared between machines (a home directory on NFS) never hands one CPU a binary built with
-    instructions it lacks; two CPUs that resolve ``-march=native`` alike share one build."""
-    digest = hashlib.sha256("\0".join([*cflags, target]).encode()).hexdigest()[:16]
+def build_name(cflags, target: str, torch_install: str = "") -> str:
+    """The name the kernels are built and cached under: a digest of the flags, the resolved CPU target and
+    the torch installation compiled against (its version and folder), so that a cache shared between
+    machines (a home directory on NFS) never hands one CPU a binary built with instructions it lacks, and
+    two environments never rebuild one binary in turn (one of them overwriting it while the other loads
+    it); two CPUs that resolve ``-march=native`` alike share one build."""
+    digest = hashlib.sha256("\0".join([*cflags, target, torch_install]).encode()).hexdigest()[:16]
     return f"rmt_cpu_kernels_{digest}"
 
 
@@ -102,7 +105,8 @@ def _load():
             from torch.utils.cpp_extension import load
 
             start = time.perf_counter()
-            _module = load(name=build_name(_CFLAGS, native_target()), sources=[str(_SOURCE)],
+            name = build_name(_CFLAGS, native_target(), f"{torch.__version__} {Path(torch.__file__).parent}")
+            _module = load(name=name, sources=[str(_SOURCE)],
                            extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"], verbose=False)
             seconds = time.perf_counter() - start
             if seconds > 2:  # it was compiled now, not loaded from the cache
