@@ -1,6 +1,8 @@
 """Deployment exports: constant weights, `--static` graphs (fixed shapes, MaSA tables as initializers, no
 control flow), int8 static quantization with its accuracy report, and ONNX Runtime in `rmt benchmark`."""
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import onnx
@@ -17,7 +19,7 @@ from rmt.models.hub import save_hub_folder
 from rmt.models.masa import MaSA, TokenConv
 from rmt.tools.benchmark import _OnnxRunner, _OpenVINORunner, benchmark, profile_onnx
 from rmt.tools.export import export_model, fold_for_export, freeze_masa_tables, load_exported
-from rmt.tools.quantize import OnnxRuntimeModel, OpenVINOModel, quantize_linear_dynamic
+from rmt.tools.quantize import OnnxRuntimeModel, OpenVINOModel, openvino_core, quantize_linear_dynamic
 
 DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
                  "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "grayscale": True}
@@ -217,7 +219,7 @@ def test_openvino_float_and_int8_on_the_runs_own_data(tiny, openvino_int8_export
     torch_acc = evaluate(tiny, loader, torch.device("cpu"), progress=False)
     assert q["float_top1"] == pytest.approx(torch_acc["top1"])
     assert abs(q["int8_top1"] - q["float_top1"]) < 5 and q["agreement"] > 90
-    core = ov.Core()
+    core = openvino_core()
     float_ops = Counter(op.get_type_name() for op in core.read_model(q["float_path"]).get_ops())
     assert float_ops["ScaledDotProductAttention"] > 0 and not float_ops["Slice"], float_ops
     int8_ops = Counter(op.get_type_name() for op in core.read_model(str(out)).get_ops())
@@ -239,6 +241,36 @@ def test_openvino_user_errors(tiny, tmp_path, capsys):
         export_model(tiny, tmp_path / "m.xml", "openvino", img_size=(64, 64), dynamic_size=True)
     with pytest.raises(RMTError, match="--static is for --format onnx"):
         export_model(tiny, tmp_path / "m.xml", "openvino", static=True)
+
+
+_SIGNAL_AFTER_OPENVINO = """
+import gc, os, signal, sys
+import openvino as ov
+import torch
+from rmt.tools.quantize import openvino_compiled, save_openvino
+save_openvino(ov.convert_model(torch.nn.Conv2d(3, 4, 3), example_input=torch.randn(1, 3, 8, 8)), sys.argv[1])
+first = openvino_compiled(sys.argv[1])
+second = openvino_compiled(sys.argv[1], threads=1)
+del first
+gc.collect()
+del second
+gc.collect()
+handled = []
+signal.signal(signal.SIGTERM, lambda *_: handled.append(True))
+os.kill(os.getpid(), signal.SIGTERM)
+print("handled" if handled else "not handled")
+"""
+
+
+def test_signals_still_work_after_openvino_models_are_freed(tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's signal stack for each Core and puts the previous one
+    back when the Core dies: models compiled on two Cores and freed in order left the thread on a freed
+    stack, and the next Python signal handler (SIGTERM during a training run in the same process)
+    crashed it with SIGSEGV. All our models share one Core, so the handler runs."""
+    pytest.importorskip("openvino")
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_OPENVINO, str(tmp_path / "conv.xml")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1:] == ["handled"], (done.returncode, done.stderr[-2000:])
 
 
 def test_openvino_runner(tiny, tmp_path):

@@ -11,6 +11,7 @@ from rmt.classification.predict import Classifier
 from rmt.cli import main
 from rmt.errors import RMTError
 from rmt.tools.export import ExportVerificationError, export_model, load_exported, verify_export
+from rmt.tools.quantize import openvino_core
 
 ATOL = 1e-4
 
@@ -202,7 +203,7 @@ def test_openvino_convert_model_of_a_timm_model():
     torch.manual_seed(0)
     model = timm.create_model("rmt_t", num_classes=10).eval()
     images = torch.randn(1, 3, 64, 64)
-    compiled = ov.Core().compile_model(ov.convert_model(model, example_input=images), "CPU",
+    compiled = openvino_core().compile_model(ov.convert_model(model, example_input=images), "CPU",
                                        {"INFERENCE_PRECISION_HINT": "f32"})
     with torch.no_grad():
         expected = model(images)

@@ -25,6 +25,7 @@ Where the images come from:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -50,7 +51,7 @@ from ..files import atomic_copy
 from ..training.distributed import DistInfo
 
 __all__ = ["QuantizationReport", "OnnxRuntimeModel", "OpenVINOModel", "quantize_onnx", "quantize_openvino",
-           "quantize_export", "run_datasets", "onnx_session", "openvino_compiled", "save_openvino",
+           "quantize_export", "run_datasets", "onnx_session", "openvino_compiled", "openvino_core", "save_openvino",
            "quantize_linear_dynamic"]
 
 _logger = logging.getLogger(__name__)
@@ -99,13 +100,25 @@ def _openvino():
     return openvino
 
 
+@functools.lru_cache(maxsize=None)
+def openvino_core():
+    """The process's one OpenVINO ``Core``, kept for the life of the process.
+
+    Why one: OpenVINO's CPU plugin gives the calling thread a new signal stack (``sigaltstack``) for
+    each Core that compiles a model and, when that Core is destroyed, puts back the stack that was
+    current when it was made. Two Cores destroyed in the order they were made leave the thread on the
+    first one's freed stack, and the next Python signal handler (SIGTERM or Ctrl-C during a training
+    run in the same process) then kills the process with SIGSEGV.
+    """
+    return _openvino().Core()
+
+
 def openvino_compiled(path: str | os.PathLike, threads: int | None = None):
     """An OpenVINO IR compiled for the CPU in float32 (``threads``: inference threads)."""
-    ov = _openvino()
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    return ov.Core().compile_model(str(path), "CPU", config)
+    return openvino_core().compile_model(str(path), "CPU", config)
 
 
 def quantize_linear_dynamic(model: nn.Module) -> nn.Module:
@@ -348,7 +361,7 @@ def quantize_openvino(float_path: str | os.PathLike, int8_path: str | os.PathLik
     if not calibration:
         raise RMTError("no calibration images could be read")
     logging.getLogger("nncf").setLevel(logging.ERROR)  # its progress lines and notes: the outcome is reported
-    model = ov.Core().read_model(str(float_path))
+    model = openvino_core().read_model(str(float_path))
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars: `--json` output stays JSON
         quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=sum(b.shape[0] for b in calibration))
