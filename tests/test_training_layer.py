@@ -178,8 +178,8 @@ def test_optimizer_is_fused_where_pytorch_has_the_kernel():
 def test_one_config_mechanism_for_every_task(tmp_path):
     assert "digits" in bundled_configs(ClassificationConfig) and "det_shapes" not in bundled_configs(DetConfig)
     assert {"shapes", "mask_rcnn_1x"} <= set(bundled_configs(DetConfig))
-    assert resolve_config(DetConfig, "det_mask_rcnn_3x").name == "mask_rcnn_3x.yaml"  # the older names work
-    assert resolve_config(SegConfig, "seg_upernet_160k").parent.name == "segmentation"
+    assert resolve_config(DetConfig, "mask_rcnn_3x").name == "mask_rcnn_3x.yaml"
+    assert resolve_config(SegConfig, "upernet_160k.yaml").parent.name == "segmentation"
     # a base: relative to the file naming it
     (tmp_path / "base.yaml").write_text("epochs: 7\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\nbatch_size: 3\n")

@@ -147,7 +147,7 @@ def _release_frames(error: Optional[BaseException]) -> None:
 
     A failed writer's frames, kept alive by the traceback, may still hold the temporary file open
     (torch.save's zip writer does): the blocks of a deleted file are freed only once it is closed, so
-    the free space is measured after this (it read 0.0 MB on a disk with 20 MB free before)."""
+    the free space is measured after this, or it reads as if the partial file were still there."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

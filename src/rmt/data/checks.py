@@ -5,13 +5,12 @@ naming the file and the record, not an internal error hours into training.
   ``height``/``width``), categories (``id``, ``name``) and annotations (``id``, ``image_id``, a known
   ``category_id``, ``bbox`` of four finite numbers with ``w, h >= 0``, ``area``, ``iscrowd``, and a
   ``segmentation`` that decodes: polygons of at least 3 points, RLE whose ``size`` is the image's
-  and whose runs cover it exactly). It is a pass over the parsed JSON: 1.6 s for 82,600
-  polygon annotations measured on a loaded 2-core machine (parsing that JSON took 4 s).
+  and whose runs cover it exactly). It is a pass over the parsed JSON, cheaper than parsing it
+  (BENCHMARKS.md, "Smaller choices").
 * :func:`check_label_maps` reads every label PNG of a segmentation split (threads; a progress bar
   on a terminal) and checks that it is single-channel, as large as its image (its header only),
-  and holds only labels the model has. Decoding the PNG is most of the cost: 3.9 ms per
-  ADE20K-sized (683x512) label measured with 2 threads on a loaded 2-core machine, i.e. about 80 s
-  for ADE20K's 20,210 training labels there, less with more cores.
+  and holds only labels the model has. Decoding the PNG is most of the cost (a minute or two for
+  ADE20K's training split on 2 cores: BENCHMARKS.md, "Smaller choices").
 
 Both report through :class:`Problems`: the first few problems and how many there are, one line.
 """

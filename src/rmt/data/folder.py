@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import RMTError
@@ -107,7 +106,3 @@ def collate_skip_bad(samples: List) -> Tuple:
     good = [s for s in samples if not isinstance(s, BadSample)]
     batch = default_collate(good) if good else None
     return batch, bad
-
-
-def class_counts(dataset: ImageFolderDataset) -> torch.Tensor:
-    return torch.bincount(torch.tensor(dataset.targets), minlength=len(dataset.classes))

@@ -1,8 +1,8 @@
 """The detection / instance segmentation config (torchvision detectors, epoch-based): the shared dense
 fields (rmt.training.config.DenseRunConfig) plus the detector, its schedule and its data.
 
-Bundled files are ``configs/detection/<name>.yaml`` (``shapes``, ``mask_rcnn_1x``, ...; the older
-names ``det_<name>`` work too); a file may name another with ``base:``.
+Bundled files are ``configs/detection/<name>.yaml`` (``shapes``, ``mask_rcnn_1x``, ...); a file may
+name another with ``base:``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ ARCHS = ("mask_rcnn", "faster_rcnn", "retinanet", "cascade_mask_rcnn")
 @dataclass
 class DetConfig(DenseRunConfig):
     task = "detection"
-    alias = "det"
     may_change_on_resume = DenseRunConfig.may_change_on_resume + ("epochs",)
 
     train_split: str = option("train2017", "training split")

@@ -147,23 +147,11 @@ def _json_or_text(value: str) -> Any:
         return value
 
 
-_LEGACY_TASKS = {"det": "detection", "seg": "segmentation"}
-
-
-def _upgrade_metadata(meta: Dict[str, Any], raw: Any = None) -> Dict[str, Any]:
-    """Metadata of files written by earlier versions, in today's keys."""
+def _with_defaults(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """``meta`` with ``task`` filled in: a file that names a model but no task holds a classifier."""
     meta = dict(meta)
-    if isinstance(raw, dict) and not meta:  # an earlier run checkpoint: the entries sat beside the weights
-        for old, new in (("model_name", "model"), ("class_names", "class_names"), ("data_config", "data_config"),
-                         ("token_label", "token_label"), ("task", "task"), ("config", "config")):
-            if raw.get(old) is not None and not isinstance(raw.get(old), torch.Tensor):
-                meta[new] = raw[old]
-    if meta.get("task") in _LEGACY_TASKS:
-        meta["task"] = _LEGACY_TASKS[meta["task"]]
     if "task" not in meta and "model" in meta:
         meta["task"] = "classification"
-    if "model" not in meta and isinstance(meta.get("config"), dict) and "backbone" in meta["config"]:
-        meta["model"] = meta["config"]["backbone"]
     return meta
 
 
@@ -179,10 +167,10 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
                 raw = f.metadata() or {}
         except Exception as e:  # not a safetensors file, truncated, ...
             raise CheckpointError(f"cannot read {path} as a checkpoint: {_unreadable_reason(e)}") from None
-        return _upgrade_metadata({k: _json_or_text(v) for k, v in raw.items()})
+        return _with_defaults({k: _json_or_text(v) for k, v in raw.items()})
     raw = open_checkpoint(path)
     meta = raw.get(META_KEY) if isinstance(raw, dict) and isinstance(raw.get(META_KEY), dict) else {}
-    return _upgrade_metadata(meta, raw)
+    return _with_defaults(meta)
 
 
 def read_weights(path: str | os.PathLike, task: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -2,7 +2,7 @@
 (rmt.training.config.DenseRunConfig) plus the segmentor, its schedule and its data.
 
 Bundled files are ``configs/segmentation/<name>.yaml`` (``shapes``, ``upernet_160k``,
-``semantic_fpn_80k``; the older names ``seg_<name>`` work too); a file may name another with ``base:``.
+``semantic_fpn_80k``); a file may name another with ``base:``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ ARCHS = ("upernet", "semantic_fpn")
 @dataclass
 class SegConfig(DenseRunConfig):
     task = "segmentation"
-    alias = "seg"
     may_change_on_resume = DenseRunConfig.may_change_on_resume + ("max_iters",)
 
     train_split: str = option("training", "training split (images/<split>, annotations/<split>)")

@@ -18,7 +18,7 @@ dicts of plain types and tensors, readable with ``weights_only=True``::
     ranks       one entry per process: its random-number state and its share of the loss sums of
                 the current round
     world_size  how many processes wrote it
-    precision   what the run computed in (``float32``, ``bf16 autocast``, ...; absent in older files)
+    precision   what the run computed in (``float32``, ``bf16 autocast``, ...)
 
 :func:`read_run_checkpoint` is the only reader; it checks the format and the task.
 """

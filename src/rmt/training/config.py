@@ -81,10 +81,9 @@ def option(default: Any, help: str, *, choices: Optional[Tuple[str, ...]] = None
 @dataclass
 class RunConfig:
     """What every task's training run has. Subclasses set ``task`` (the folder of their bundled
-    configs under ``configs/``) and ``alias`` (an older prefix of bundled names, e.g. ``det``)."""
+    configs under ``configs/``)."""
 
     task: ClassVar[str] = ""
-    alias: ClassVar[str] = ""
     #: fields a resumed run may change (they do not change what the run computes); a task adds its length
     may_change_on_resume: ClassVar[Tuple[str, ...]] = (
         "output", "resume", "overwrite", "workers", "log_interval", "checkpoint_interval", "keep_checkpoints",
@@ -289,8 +288,6 @@ def resolve_config(cls: Type[RunConfig], name: str, relative_to: Optional[Path] 
         if candidate.exists() and not candidate.is_dir():  # a FIFO, a device: reading it could block
             raise RMTError(f"config {shorten(name, 200)}: not a regular file")
     stem = Path(name).name.removesuffix(".yaml")
-    if cls.alias:
-        stem = stem.removeprefix(f"{cls.alias}_")
     bundled = CONFIG_DIR / cls.task / f"{stem}.yaml"
     if bundled.is_file():
         return bundled
