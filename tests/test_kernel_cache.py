@@ -60,10 +60,13 @@ def test_a_compiler_that_cannot_resolve_native_turns_the_kernels_off(tmp_path, m
     assert "unrecognized option" in caplog.text
 
 
-def test_build_name_depends_on_flags_and_torch_too():
+def test_build_name_depends_on_flags_torch_and_source():
     target = "-march=znver3 -mavx2"
     assert kernel.build_name(("-O3",), target) != kernel.build_name(("-O2",), target)
     assert kernel.build_name(("-O3",), target) == kernel.build_name(("-O3",), target)
     # two environments (a venv beside the system's torch) get a build each
     assert kernel.build_name(("-O3",), target, "2.14.1 /venv/torch") != kernel.build_name(("-O3",), target,
                                                                                           "2.14.1 /usr/torch")
+    # and two checkouts: the compile command names the source, and ninja rebuilds when it changes
+    assert kernel.build_name(("-O3",), target, "t", "/a/cpu_kernels.cpp") != kernel.build_name(("-O3",), target, "t",
+                                                                                               "/b/cpu_kernels.cpp")

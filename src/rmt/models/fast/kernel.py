@@ -86,13 +86,15 @@ def native_target(compiler: Optional[str] = None) -> str:
     return " ".join(target)
 
 
-def build_name(cflags, target: str, torch_install: str = "") -> str:
-    """The name the kernels are built and cached under: a digest of the flags, the resolved CPU target and
-    the torch installation compiled against (its version and folder), so that a cache shared between
-    machines (a home directory on NFS) never hands one CPU a binary built with instructions it lacks, and
-    two environments never rebuild one binary in turn (one of them overwriting it while the other loads
-    it); two CPUs that resolve ``-march=native`` alike share one build."""
-    digest = hashlib.sha256("\0".join([*cflags, target, torch_install]).encode()).hexdigest()[:16]
+def build_name(cflags, target: str, torch_install: str = "", source: str = "") -> str:
+    """The name the kernels are built and cached under: a digest of the flags, the resolved CPU target,
+    the torch installation compiled against (its version and folder) and the source file's path, so that
+    a cache shared between machines (a home directory on NFS) never hands one CPU a binary built with
+    instructions it lacks, and two environments or two checkouts never rebuild one binary in turn (ninja
+    rebuilds when the compile command, which names the source, changes; one process overwriting the
+    binary while another loads it crashes the other); two CPUs that resolve ``-march=native`` alike
+    share one build."""
+    digest = hashlib.sha256("\0".join([*cflags, target, torch_install, source]).encode()).hexdigest()[:16]
     return f"rmt_cpu_kernels_{digest}"
 
 
@@ -105,7 +107,8 @@ def _load():
             from torch.utils.cpp_extension import load
 
             start = time.perf_counter()
-            name = build_name(_CFLAGS, native_target(), f"{torch.__version__} {Path(torch.__file__).parent}")
+            name = build_name(_CFLAGS, native_target(), f"{torch.__version__} {Path(torch.__file__).parent}",
+                              str(_SOURCE.resolve()))
             _module = load(name=name, sources=[str(_SOURCE)],
                            extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"], verbose=False)
             seconds = time.perf_counter() - start
