@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from rmt.runtime import keep_freed_memory  # noqa: E402
+from rmt.runtime.memory import keep_freed_memory  # noqa: E402
 from rmt.tools.benchmark import benchmark  # noqa: E402
 
 # published ImageNet-1k top-1 at 224, trained on ImageNet-1k only

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rmt.runtime import keep_freed_memory
+from rmt.runtime.memory import keep_freed_memory
 from rmt.tools.benchmark import build_model
 
 GROUPS = [  # first match wins: (group, substrings of ATen operator names)

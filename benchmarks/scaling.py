@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rmt.runtime import keep_freed_memory
+from rmt.runtime.memory import keep_freed_memory
 from rmt.tools.benchmark import benchmark
 
 DEFAULT_MODELS = ["rmt_s", "reference:rmt_s", "swin_tiny_patch4_window7_224"]

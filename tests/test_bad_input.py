@@ -263,8 +263,8 @@ def test_dense_predict_skips_bad_images_and_shares_the_json_shape(tmp_path, caps
 @pytest.fixture
 def tiny_export(monkeypatch):
     """`rmt export` of a tiny classifier standing in for a checkpoint's."""
-    from rmt.classification.predict import Classifier
     from rmt.models import RMT
+    from rmt.runtime.classifier import Classifier
 
     torch.manual_seed(0)
     tiny = RMT(embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), projection=32, num_classes=3)

@@ -23,10 +23,10 @@ from rmt.classification.demo import (
     show,
     view,
 )
-from rmt.classification.predict import Classifier
 from rmt.cli import main
 from rmt.errors import RMTError
 from rmt.models import RMT
+from rmt.runtime.classifier import Classifier
 from rmt.tools.visualize import attention_maps
 
 DIGITS_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",

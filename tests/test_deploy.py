@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from rmt.classification.evaluate import evaluate
 from rmt.cli import main
 from rmt.data import DigitsDataset, collate_skip_bad
 from rmt.errors import RMTError
 from rmt.models.fast.ops import fused_linear, linear_chunks
 from rmt.models.hub import save_hub_folder
 from rmt.models.masa import MaSA, TokenConv
+from rmt.runtime.accuracy import evaluate
 from rmt.tools.benchmark import _OnnxRunner, _OpenVINORunner, benchmark, profile_onnx
 from rmt.tools.export import export_model, fold_for_export, freeze_masa_tables, load_exported
 from rmt.tools.quantize import OnnxRuntimeModel, OpenVINOModel, openvino_core, quantize_linear_dynamic

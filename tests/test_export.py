@@ -7,9 +7,9 @@ import timm
 import torch
 
 from conftest import write_run_checkpoint
-from rmt.classification.predict import Classifier
 from rmt.cli import main
 from rmt.errors import RMTError
+from rmt.runtime.classifier import Classifier
 from rmt.tools.export import ExportVerificationError, export_model, load_exported, verify_export
 from rmt.tools.quantize import openvino_core
 

@@ -9,13 +9,13 @@ import timm.models._hub as timm_hub
 import torch
 
 from golden import case_input, load_golden, official_state_dict, save_official_checkpoint
-from rmt.classification.predict import load_classifier
 from rmt.cli import main
 from rmt.data import DigitsDataset
 from rmt.errors import RMTError
 from rmt.models import checkpoint_info, create_model
 from rmt.models.hub import HUB_CARD, HUB_CONFIG, HUB_WEIGHTS, save_hub_folder
 from rmt.models.weights import read_metadata, save_weights
+from rmt.runtime.classifier import load_classifier
 from rmt.tools.export import load_exported
 
 DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],

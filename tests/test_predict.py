@@ -10,9 +10,9 @@ from skimage import data as skdata
 
 import rmt
 from conftest import write_run_checkpoint
-from rmt.classification.predict import Prediction, load_classifier
 from rmt.cli import main
 from rmt.models.weights import save_weights
+from rmt.runtime.classifier import Prediction, load_classifier
 
 RUN_CLASSES = ["cat", "coffee", "rocket"]
 RUN_CLASSES_DEFAULT = [f"class_{i}" for i in range(3)]  # a built model without stored names
@@ -117,7 +117,7 @@ def test_directory_input_and_missing_path(photos, tiny_classifier, tmp_path):
 
 
 def test_predict_is_exported():
-    assert rmt.predict is rmt.classification.predict.predict
+    assert rmt.predict is rmt.runtime.classifier.predict
     assert "predict" in rmt.__all__
 
 
@@ -178,7 +178,7 @@ def test_prediction_json_shape():
 def test_default_precision_is_bf16_where_the_machine_runs_it_natively(photos, tiny_classifier):
     """`rmt predict` picks bf16 autocast on a CPU with AVX512-BF16/AMX (this project's machine), else
     float32, says which, and its probabilities stay within 0.01 of float32's."""
-    from rmt.training.precision import fast_bf16
+    from rmt.runtime.precision import fast_bf16
 
     root, good, _ = photos
     auto = load_classifier(tiny_classifier, device="cpu")

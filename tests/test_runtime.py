@@ -1,4 +1,4 @@
-"""rmt.runtime: glibc keeps freed memory, so re-allocating a large tensor costs no page faults."""
+"""rmt.runtime.memory: glibc keeps freed memory, so re-allocating a large tensor costs no page faults."""
 import os
 import resource
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 CHILD = r"""
 import resource, sys
 import torch
-from rmt.runtime import keep_freed_memory
+from rmt.runtime.memory import keep_freed_memory
 applied = keep_freed_memory()
 def faults_of_realloc():
     # warm-up: 64 MB allocated, touched and freed. The heap grows twice, on the first allocation and on
@@ -44,10 +44,11 @@ def test_keep_freed_memory_removes_page_faults():
 
 
 def test_cli_applies_it(monkeypatch):
-    from rmt import cli, runtime
+    from rmt import cli
+    from rmt.runtime import memory
 
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
     assert cli.main(["models", "--json"]) == 0
     assert calls
-    assert resource.getpagesize() > 0 and runtime.__all__ == ["keep_freed_memory"]
+    assert resource.getpagesize() > 0 and memory.__all__ == ["keep_freed_memory"]

@@ -20,9 +20,9 @@ from rmt.data import DigitsDataset
 from rmt.errors import RMTError, RunInterrupted
 from rmt.models import create_model
 from rmt.models.weights import load_matching_weights, read_metadata
+from rmt.runtime.processes import DistInfo, ShardSampler
 from rmt.training import TrainingRun, load_config
 from rmt.training.checkpoint import read_run_checkpoint
-from rmt.training.distributed import DistInfo, ShardSampler
 
 QUICK = dict(max_train_samples=128, max_val_samples=64, img_size=16, batch_size=32, epochs=2, warmup_epochs=1)
 

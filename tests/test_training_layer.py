@@ -13,12 +13,13 @@ from rmt.classification import ClassificationConfig
 from rmt.detection.config import DetConfig
 from rmt.errors import RMTError
 from rmt.files import atomic_save, atomic_write_text
+from rmt.runtime import processes
+from rmt.runtime.precision import amp_dtype, configure_float32, describe_precision
 from rmt.segmentation.config import SegConfig
 from rmt.training import distributed, load_config
 from rmt.training.checkpoint import Progress, RunCheckpoint, read_run_checkpoint
 from rmt.training.config import bundled_configs, resolve_config
 from rmt.training.optim import create_optimizer
-from rmt.training.precision import amp_dtype, configure_float32, describe_precision
 from rmt.training.run import RoundSpec, TrainingRun
 
 
@@ -34,11 +35,11 @@ def test_collectives_take_device_tensors_under_nccl(monkeypatch):
         seen.append(tensor.device)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    info = distributed.DistInfo(rank=1, world_size=2, local_rank=1, backend="nccl")
+    info = processes.DistInfo(rank=1, world_size=2, local_rank=1, backend="nccl")
     with FakeTensorMode(allow_non_fake_inputs=True):
-        distributed.all_reduce_sum(torch.zeros(2, dtype=torch.float64), info)
+        processes.all_reduce_sum(torch.zeros(2, dtype=torch.float64), info)
     assert seen == [torch.device("cuda", 1)]
-    assert distributed.comm_device(distributed.DistInfo(0, 2, 0, "gloo")) == torch.device("cpu")
+    assert processes.comm_device(processes.DistInfo(0, 2, 0, "gloo")) == torch.device("cpu")
 
 
 def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
@@ -52,7 +53,7 @@ def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.setdefault("init", kwargs))
     monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
     info = distributed.init_distributed("cuda")
-    assert info == distributed.DistInfo(1, 2, 1, "nccl")
+    assert info == processes.DistInfo(1, 2, 1, "nccl")
     assert calls["set_device"] == 1
     assert calls["init"] == {"backend": "nccl", "device_id": torch.device("cuda", 1)}
 

@@ -3,8 +3,8 @@
 ``import rmt`` registers ``rmt_t``, ``rmt_s``, ``rmt_b`` and ``rmt_l`` in timm.
 """
 from . import models
-from .classification.predict import predict
 from .models import RMT
+from .runtime.classifier import predict
 
 __version__ = "0.1.0"
 __all__ = ["RMT", "__version__", "models", "predict"]

@@ -1,10 +1,8 @@
-"""Image classification: the config, training (``rmt train``), evaluation (``rmt eval``), prediction
-(``rmt predict``, :func:`rmt.predict`) and token labelling (``rmt token-labels``)."""
+"""Image classification: the config, training (``rmt train``), evaluation of a checkpoint (``rmt eval``),
+the demo page (``rmt demo``) and token labelling (``rmt token-labels``). ``rmt predict`` and
+:func:`rmt.predict` run a classifier loaded by :mod:`rmt.runtime.classifier`."""
 from .config import ClassificationConfig
-from .evaluate import evaluate, evaluate_checkpoint
-from .predict import Classifier, Prediction, load_classifier
+from .evaluate import evaluate_checkpoint
 from .train import train
 
-# `predict` (the function) is rmt.predict; rmt.classification.predict stays the module
-__all__ = ["ClassificationConfig", "train", "evaluate", "evaluate_checkpoint", "Classifier", "Prediction",
-           "load_classifier"]
+__all__ = ["ClassificationConfig", "train", "evaluate_checkpoint"]

@@ -8,11 +8,11 @@ from __future__ import annotations
 import sys
 
 from ..cliutils import non_negative_int, port_number, positive_int, print_json, print_results
+from ..runtime.classifier import iter_predictions, load_classifier
 from ..training.config import add_config_flags, config_from_flags
 from .config import ClassificationConfig
 from .demo import load_demo, serve
 from .evaluate import evaluate_checkpoint
-from .predict import iter_predictions, load_classifier
 from .token_labels import generate_token_labels
 from .train import train
 

@@ -36,6 +36,7 @@ from ..data.image import BadImageError, load_rgb
 from ..data.shapes import default_cache_dir, draw_shapes_image
 from ..errors import RMTError
 from ..files import atomic_write_bytes
+from ..runtime.classifier import Classifier, load_classifier
 from ..tools.visualize import (
     StageAttention,
     attention_figure,
@@ -47,7 +48,6 @@ from ..tools.visualize import (
     heads_figure,
     short_label,
 )
-from .predict import Classifier, load_classifier
 
 __all__ = [
     "Demo",

@@ -27,8 +27,8 @@ from ..errors import RMTError, shorten
 from ..files import atomic_write, output_folder
 from ..models.factory import create_model, list_models
 from ..models.weights import read_state_dict
-from ..training.distributed import resolve_device
-from ..training.run import progress_bar
+from ..runtime.processes import resolve_device
+from ..runtime.progress import progress_bar
 
 __all__ = ["generate_token_labels", "dense_teacher_logits", "build_teacher"]
 

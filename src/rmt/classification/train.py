@@ -21,11 +21,11 @@ from ..data import collate_skip_bad
 from ..models.factory import create_model
 from ..models.hub import save_hub_folder
 from ..models.weights import load_matching_weights, read_state_dict
+from ..runtime.accuracy import eval_loader, evaluate, report_bad_files
 from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from .config import ClassificationConfig
 from .data import build_datasets
-from .evaluate import eval_loader, evaluate, report_bad_files
 from .losses import TokenLabelLoss
 
 __all__ = ["train", "METRIC_COLUMNS"]

@@ -1,4 +1,5 @@
-"""COCO box and mask AP of a detector, with pycocotools, on one process or many.
+"""COCO box and mask AP of a detector, with pycocotools, on one process or many; and ``rmt det eval``:
+the AP of a saved detector (:func:`evaluate_checkpoint`).
 
 ``evaluate(model, dataset, ...)`` runs the model over a :class:`rmt.data.coco.CocoDetection`
 (each process its shard), gathers the detections on every process, and scores them with
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -16,13 +18,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.coco import CocoDetection, collate_detection
-from ..training.distributed import DistInfo, ShardSampler, all_gather_objects
-from ..training.precision import autocast
-from ..training.run import progress_bar
-from .models import has_masks
+from ..data.coco import CocoDetection, coco_split_paths, collate_detection
+from ..data.shapes import SPLITS, ensure_shapes
+from ..errors import RMTError
+from ..runtime.precision import autocast
+from ..runtime.processes import DistInfo, ShardSampler, all_gather_objects, resolve_device
+from ..runtime.progress import progress_bar
+from .models import detector_from_checkpoint, has_masks
 
-__all__ = ["evaluate", "coco_results", "coco_metrics", "STAT_NAMES"]
+__all__ = ["evaluate", "evaluate_checkpoint", "coco_results", "coco_metrics", "STAT_NAMES"]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -110,3 +114,28 @@ def evaluate(model: nn.Module, dataset: CocoDetection, device: torch.device, inf
     iou_types = ["bbox", "segm"] if has_masks(model) else ["bbox"]
     metrics = coco_metrics(dataset.coco, results, image_ids, iou_types, verbose=verbose and info.is_main)
     return dict(metrics, images=len(image_ids), detections=len(results))
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
+                        device: str = "auto", batch_size: int = 1, workers: int = 0,
+                        max_samples: Optional[int] = None, verbose: bool = False, progress: bool = True
+                        ) -> Dict[str, Any]:
+    """COCO box (and mask) AP of a trained detector (float32) on ``data``/``split`` (default: the run's
+    validation data: its ``--data`` and ``val_split``, or the bundled shapes)."""
+    model, cfg, class_names = detector_from_checkpoint(checkpoint)
+    data = data if data is not None else cfg.data
+    root = data if data is not None else ensure_shapes()
+    split = split or (cfg.val_split if data is not None else SPLITS[1])
+    dataset = CocoDetection(*coco_split_paths(root, split), masks=False, max_samples=max_samples)
+    if len(dataset) == 0:
+        raise RMTError(f"{root}/{split} has no images to evaluate")
+    if dataset.class_names != class_names:
+        raise RMTError(f"the categories of {root} ({', '.join(dataset.class_names[:5])}...) are not the model's "
+                       f"({', '.join(class_names[:5])}...)")
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    result = evaluate(model, dataset, torch_device, batch_size=batch_size, workers=workers, verbose=verbose,
+                      progress=progress)
+    return dict(result, arch=cfg.arch, backbone=cfg.backbone, checkpoint=str(checkpoint),
+                data="shapes" if data is None else str(root), split=split, masks=has_masks(model),
+                precision="float32")

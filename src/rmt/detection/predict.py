@@ -1,4 +1,4 @@
-"""Detection of image files (``rmt det predict``) and evaluation of a saved detector (``rmt det eval``).
+"""Detection of image files (``rmt det predict``); ``rmt det eval`` is in :mod:`rmt.detection.evaluate`.
 
 :func:`predict` yields one result per image, in the output contract that every ``predict`` command
 shares (classification's included): ``{"path", ...}`` with the task's findings, or
@@ -12,15 +12,12 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data.coco import CocoDetection, coco_split_paths
-from ..data.shapes import SPLITS, ensure_shapes
 from ..errors import RMTError
-from ..tools.draw import draw_detections, images_to_draw, save_picture
-from ..training.distributed import resolve_device
-from .evaluate import evaluate
-from .models import detector_from_checkpoint, has_masks
+from ..runtime.draw import draw_detections, images_to_draw, save_picture
+from ..runtime.processes import resolve_device
+from .models import detector_from_checkpoint
 
-__all__ = ["predict", "evaluate_checkpoint"]
+__all__ = ["predict"]
 
 
 @torch.no_grad()
@@ -58,28 +55,3 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike],
         if draw:
             save_picture(draw_detections(image, det, class_names), picture)
         yield dict(path=path, output=str(picture) if draw else None, detections=entries)
-
-
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
-                        device: str = "auto", batch_size: int = 1, workers: int = 0,
-                        max_samples: Optional[int] = None, verbose: bool = False, progress: bool = True
-                        ) -> Dict[str, Any]:
-    """COCO box (and mask) AP of a trained detector (float32) on ``data``/``split`` (default: the run's
-    validation data: its ``--data`` and ``val_split``, or the bundled shapes)."""
-    model, cfg, class_names = detector_from_checkpoint(checkpoint)
-    data = data if data is not None else cfg.data
-    root = data if data is not None else ensure_shapes()
-    split = split or (cfg.val_split if data is not None else SPLITS[1])
-    dataset = CocoDetection(*coco_split_paths(root, split), masks=False, max_samples=max_samples)
-    if len(dataset) == 0:
-        raise RMTError(f"{root}/{split} has no images to evaluate")
-    if dataset.class_names != class_names:
-        raise RMTError(f"the categories of {root} ({', '.join(dataset.class_names[:5])}...) are not the model's "
-                       f"({', '.join(class_names[:5])}...)")
-    torch_device = resolve_device(device)
-    model.to(torch_device)
-    result = evaluate(model, dataset, torch_device, batch_size=batch_size, workers=workers, verbose=verbose,
-                      progress=progress)
-    return dict(result, arch=cfg.arch, backbone=cfg.backbone, checkpoint=str(checkpoint),
-                data="shapes" if data is None else str(root), split=split, masks=has_masks(model),
-                precision="float32")

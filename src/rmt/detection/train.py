@@ -21,7 +21,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from ..data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
 from ..data.shapes import SPLITS, ensure_shapes
-from ..tools.draw import draw_detections
+from ..runtime.draw import draw_detections
 from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule

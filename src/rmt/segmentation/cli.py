@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..cliutils import non_negative_int, positive_int, print_json, print_results, probability
 from ..training.config import add_config_flags, config_from_flags
 from .config import SegConfig
-from .predict import evaluate_checkpoint, predict
+from .evaluate import evaluate_checkpoint
+from .predict import predict
 from .train import train
 
 __all__ = ["add_commands"]

@@ -1,5 +1,6 @@
 """Segmentation metrics: a confusion matrix accumulated over a dataset (summed across processes),
-and mIoU / mAcc / aAcc from it, in percent as the reference reports them.
+and mIoU / mAcc / aAcc from it, in percent as the reference reports them; and ``rmt seg eval``:
+the metrics of a saved segmentor (:func:`evaluate_checkpoint`).
 
 * IoU of class k: ``TP / (TP + FP + FN)``; mIoU: the mean over the classes that occur in the
   labels or the predictions (a class absent from both has no IoU).
@@ -12,18 +13,23 @@ Pixels labelled ``ignore_index`` (255) are left out. Predictions are scored at t
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.ade20k import IGNORE_INDEX
-from ..training.distributed import DistInfo, ShardSampler, all_reduce_sum
-from ..training.precision import autocast
-from ..training.run import progress_bar
+from ..data.ade20k import IGNORE_INDEX, ADE20KDataset, SegEvalTransform, read_class_names
+from ..data.shapes import SPLITS, ensure_shapes
+from ..errors import RMTError
+from ..runtime.precision import autocast
+from ..runtime.processes import DistInfo, ShardSampler, all_reduce_sum, resolve_device
+from ..runtime.progress import progress_bar
+from .models import segmentor_from_checkpoint
 
-__all__ = ["confusion_matrix", "segmentation_metrics", "evaluate"]
+__all__ = ["confusion_matrix", "segmentation_metrics", "evaluate", "evaluate_checkpoint"]
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
@@ -84,3 +90,29 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
     model.train(was_training)
     total = all_reduce_sum(cm, info)
     return dict(segmentation_metrics(total, class_names), images=len(dataset))
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
+                        device: str = "auto", mode: Optional[str] = None, workers: int = 0,
+                        max_samples: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
+    """mIoU / mAcc / aAcc (percent) and per-class IoU of a trained segmentor (float32) on ``data``/``split``
+    (default: the run's validation data: its ``--data`` and ``val_split``, or the bundled shapes)."""
+    model, cfg, class_names = segmentor_from_checkpoint(checkpoint)
+    data = data if data is not None else cfg.data
+    root = data if data is not None else ensure_shapes()
+    split = split or (cfg.val_split if data is not None else SPLITS[1])
+    found = read_class_names(Path(root))
+    if found is not None and found != class_names:  # before reading the labels with the model's class count
+        raise RMTError(f"the classes of {root} ({', '.join(found[:5])}...) are not the model's "
+                       f"({', '.join(class_names[:5])}...)")
+    dataset = ADE20KDataset(root, split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, max_samples,
+                            num_classes=len(class_names))
+    if len(dataset) == 0:
+        raise RMTError(f"{root}/{split} has no images to evaluate")
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    result = evaluate(model, dataset, len(class_names), torch_device, mode=mode or cfg.test_mode,
+                      crop_size=cfg.crop_size, stride=cfg.slide_stride, workers=workers, progress=progress,
+                      class_names=class_names)
+    return dict(result, arch=cfg.arch, backbone=cfg.backbone, checkpoint=str(checkpoint),
+                data="shapes" if data is None else str(root), split=split, precision="float32")

@@ -1,4 +1,4 @@
-"""Segmentation of image files (``rmt seg predict``) and evaluation of a saved segmentor (``rmt seg eval``).
+"""Segmentation of image files (``rmt seg predict``); ``rmt seg eval`` is in :mod:`rmt.segmentation.evaluate`.
 
 :func:`predict` yields one result per image in the output contract every ``predict`` command shares:
 ``{"path", ...}`` with the task's findings, or ``{"path", "error"}`` for an unreadable image (skipped).
@@ -6,20 +6,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 
-from ..data.ade20k import ADE20KDataset, SegEvalTransform, read_class_names
-from ..data.shapes import SPLITS, ensure_shapes
+from ..data.ade20k import SegEvalTransform
 from ..errors import RMTError
-from ..tools.draw import draw_segmentation, images_to_draw, save_picture
-from ..training.distributed import resolve_device
-from .evaluate import evaluate
+from ..runtime.draw import draw_segmentation, images_to_draw, save_picture
+from ..runtime.processes import resolve_device
 from .models import segmentor_from_checkpoint
 
-__all__ = ["predict", "evaluate_checkpoint"]
+__all__ = ["predict"]
 
 
 @torch.no_grad()
@@ -54,29 +51,3 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike],
             save_picture(draw_segmentation(image, pred, class_names, alpha=alpha), picture)
         yield dict(path=path, output=str(picture) if draw else None,
                    classes=sorted(classes, key=lambda c: -c["fraction"]))
-
-
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
-                        device: str = "auto", mode: Optional[str] = None, workers: int = 0,
-                        max_samples: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
-    """mIoU / mAcc / aAcc (percent) and per-class IoU of a trained segmentor (float32) on ``data``/``split``
-    (default: the run's validation data: its ``--data`` and ``val_split``, or the bundled shapes)."""
-    model, cfg, class_names = segmentor_from_checkpoint(checkpoint)
-    data = data if data is not None else cfg.data
-    root = data if data is not None else ensure_shapes()
-    split = split or (cfg.val_split if data is not None else SPLITS[1])
-    found = read_class_names(Path(root))
-    if found is not None and found != class_names:  # before reading the labels with the model's class count
-        raise RMTError(f"the classes of {root} ({', '.join(found[:5])}...) are not the model's "
-                       f"({', '.join(class_names[:5])}...)")
-    dataset = ADE20KDataset(root, split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, max_samples,
-                            num_classes=len(class_names))
-    if len(dataset) == 0:
-        raise RMTError(f"{root}/{split} has no images to evaluate")
-    torch_device = resolve_device(device)
-    model.to(torch_device)
-    result = evaluate(model, dataset, len(class_names), torch_device, mode=mode or cfg.test_mode,
-                      crop_size=cfg.crop_size, stride=cfg.slide_stride, workers=workers, progress=progress,
-                      class_names=class_names)
-    return dict(result, arch=cfg.arch, backbone=cfg.backbone, checkpoint=str(checkpoint),
-                data="shapes" if data is None else str(root), split=split, precision="float32")

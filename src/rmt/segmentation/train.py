@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from ..data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_segmentation, read_class_names
 from ..data.shapes import SPLITS, ensure_shapes
 from ..errors import RMTError
-from ..tools.draw import draw_segmentation
+from ..runtime.draw import draw_segmentation
 from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule

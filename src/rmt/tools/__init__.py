@@ -1,1 +1,1 @@
-"""Tools built on the models: FLOPs, benchmark, predict, export, visualisation."""
+"""Tools built on the models: FLOPs, benchmark, export (with int8 quantization), visualisation of MaSA."""

@@ -14,7 +14,7 @@ import torch
 from ..cliutils import format_table, non_negative_int, positive_float, positive_int, print_json, probability
 from ..errors import RMTError
 from ..models.factory import convert_checkpoint
-from ..runtime import keep_freed_memory
+from ..runtime.memory import keep_freed_memory
 from .benchmark import BACKENDS, DEFAULT_PEERS, ONNX_BACKENDS, benchmark, profile_onnx
 from .export import FORMATS, QUANTIZE, export_model
 from .flops import model_facts, variants_table

@@ -63,13 +63,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..classification.predict import load_classifier
 from ..errors import RMTError
 from ..files import atomic_write_bytes
 from ..models.factory import checkpoint_info
 from ..models.fast import ONNX_OPERATORS_AVAILABLE, onnx_operators
 from ..models.masa import MaSA, MaSATables, RelPos2d, TokenConv
 from ..models.rmt import RMT
+from ..runtime.classifier import load_classifier
 from .quantize import _openvino, check_data_folders, openvino_compiled, quantize_export, save_openvino
 
 __all__ = ["FORMATS", "QUANTIZE", "ExportResult", "ExportVerificationError", "export_model", "fold_for_export",

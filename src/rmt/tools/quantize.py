@@ -42,13 +42,13 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..classification.evaluate import evaluate
-from ..classification.predict import Classifier, find_images
 from ..data import BadSample, DigitsDataset, ImageFolderDataset, collate_skip_bad
 from ..data.image import BadImageError, is_image_file
 from ..errors import RMTError
 from ..files import atomic_copy
-from ..training.distributed import DistInfo
+from ..runtime.accuracy import evaluate
+from ..runtime.classifier import Classifier, find_images
+from ..runtime.processes import DistInfo
 
 __all__ = ["QuantizationReport", "OnnxRuntimeModel", "OpenVINOModel", "quantize_onnx", "quantize_openvino",
            "quantize_export", "run_datasets", "onnx_session", "openvino_compiled", "openvino_core", "save_openvino",

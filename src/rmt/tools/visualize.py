@@ -45,6 +45,7 @@ from ..data.image import BadImageError
 from ..errors import RMTError
 from ..files import atomic_write_bytes
 from ..models.masa import MaSATables
+from ..runtime.classifier import Classifier, load_classifier
 
 __all__ = [
     "StageAttention",
@@ -346,7 +347,7 @@ def plot_attention(classifier, image, output: str | os.PathLike, query: tuple[fl
                    block: int = -1, cam: bool = False, title: str | None = None, dpi: int = 110) -> dict[str, Any]:
     """Draw the attention of ``query`` per stage (and Grad-CAM) over ``image`` as the model sees it.
 
-    ``classifier``: a :class:`rmt.classification.predict.Classifier`; ``image``: a file path or a PIL image.
+    ``classifier``: a :class:`rmt.runtime.classifier.Classifier`; ``image``: a file path or a PIL image.
     The picture is the model's input (after its resize and crop). Returns what was drawn: the
     prediction, per-stage summaries (:meth:`StageAttention.summary`) and the Grad-CAM class.
     """
@@ -415,8 +416,6 @@ def visualize_attention(image: str | os.PathLike, model: str | nn.Module | None,
 
     ``img_size`` replaces the model's input size (the picture is sharper; MaSA works at any size).
     """
-    from ..classification.predict import Classifier, load_classifier
-
     _check_query(query)
     _check_dpi(dpi)
     classifier = load_classifier(model, checkpoint, device, amp="none")  # pictures of the float32 model

@@ -1,71 +1,26 @@
-"""Processes: the process group under ``torchrun`` (one node or many), the device of each process,
-and the few collectives the loops use.
+"""The process group under ``torchrun`` (one node or many): joining it, the synchronisation training
+needs, and leaving it.
 
 Under ``torchrun`` the environment holds ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without it
-everything runs as one process and the collectives return their input. The backend is NCCL when
-the processes compute on CUDA, gloo on the CPU. NCCL reduces CUDA tensors only, so every
-collective here moves its tensor to :func:`comm_device` first and hands back a CPU result: callers
-pass whatever they have.
+everything runs as one process and these functions do nothing. The backend is NCCL when the
+processes compute on CUDA, gloo on the CPU. Each process's device and the collectives that
+evaluation shares with inference are in :mod:`rmt.runtime.processes`.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
-from ..errors import RMTError
+from ..runtime.processes import DistInfo
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "comm_device", "all_reduce_sum", "all_gather_objects",
-           "broadcast_object", "barrier", "cleanup", "ShardSampler"]
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands: its rank among ``world_size`` processes, its rank on its node, and
-    the process group's backend (``None`` for a single process)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: Optional[str] = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+__all__ = ["init_distributed", "broadcast_object", "barrier", "cleanup"]
 
 
 def _wants_cuda(device: str) -> bool:
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-
-
-def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU; CUDA processes of a group take the GPU of their
-    local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RMTError(f"--device {name} was asked for, but PyTorch sees no CUDA device")
-        if info.distributed:
-            torch.cuda.set_device(info.local_rank)
-            return torch.device("cuda", info.local_rank)
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RMTError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
-    if device.type not in ("cpu", "cuda"):
-        raise RMTError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise RMTError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -85,29 +40,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dist.get_backend())
 
 
-def comm_device(info: DistInfo) -> torch.device:
-    """The device collectives take their tensors on: this process's GPU for NCCL, else the CPU."""
-    return torch.device("cuda", info.local_rank) if info.backend == "nccl" else torch.device("cpu")
-
-
-def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The sum of ``values`` over all processes, as a new CPU tensor (``values`` may be on any device)."""
-    if not info.distributed:
-        return values.detach().clone().cpu()
-    values = values.detach().to(comm_device(info), copy=True)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values.cpu()
-
-
-def all_gather_objects(obj: Any, info: DistInfo) -> List[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every process (picklable objects)."""
-    if not info.distributed:
-        return [obj]
-    gathered: List[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every process."""
     if not info.distributed:
@@ -125,17 +57,3 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-class ShardSampler(Sampler[int]):
-    """Every ``world_size``-th index from ``rank``: each sample is evaluated exactly once overall
-    (``DistributedSampler`` pads with repeats, which would count some samples twice)."""
-
-    def __init__(self, length: int, info: DistInfo = DistInfo()):
-        self.indices = list(range(info.rank, length, info.world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

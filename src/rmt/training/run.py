@@ -21,7 +21,7 @@ A task's ``train(cfg)`` looks like this (classification, detection and segmentat
 What it does for the loop:
 
 * **processes and precision**: the process group under torchrun, the device, the autocast dtype
-  (rmt.training.precision), per-process seeds;
+  (rmt.runtime.precision), per-process seeds;
 * **the run directory** (rmt.training.rundir): claimed and locked before anything is built, written
   only once the start has passed its checks;
 * **resume**: ``--resume auto|PATH`` restores weights, EMA, optimizer, schedule, scaler, progress,
@@ -79,32 +79,20 @@ from ..data.sampling import ResumableSampler, SeededDataset
 from ..errors import NonFiniteLossError, RMTError, RunInterrupted
 from ..files import atomic_save, atomic_write_text
 from ..models.weights import save_weights
+from ..runtime.precision import amp_dtype, autocast, configure_float32, describe_precision
+from ..runtime.processes import DistInfo, all_gather_objects, all_reduce_sum, resolve_device
+from ..runtime.progress import progress_bar
 from .checkpoint import Progress, RunCheckpoint, read_run_checkpoint
 from .config import RunConfig, config_to_yaml, describe_changes, save_config
-from .distributed import (
-    DistInfo,
-    all_gather_objects,
-    all_reduce_sum,
-    barrier,
-    broadcast_object,
-    cleanup,
-    init_distributed,
-    resolve_device,
-)
-from .precision import amp_dtype, autocast, configure_float32, describe_precision
+from .distributed import barrier, broadcast_object, cleanup, init_distributed
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunDirectory, plot_curves
 from .tracking import RunTrackers, resolve_trackers
 
-__all__ = ["TrainingRun", "RoundSpec", "RunResult", "progress_bar", "default_output"]
+__all__ = ["TrainingRun", "RoundSpec", "RunResult", "default_output"]
 
 _logger = logging.getLogger("rmt.train")
 _NO_BAD_STEP = torch.iinfo(torch.int64).max
-
-
-def progress_bar(iterable, enabled: bool = True, **kwargs):
-    """A tqdm bar when ``enabled`` (the main process) and stderr is a terminal; else the plain iterable."""
-    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kwargs)
 
 
 def _classes(names: Optional[Sequence[str]]) -> str:

@@ -1,4 +1,5 @@
-"""Classifying image files: ``rmt predict`` and :func:`rmt.predict`.
+"""A classifier loaded for inference: ``rmt predict`` and :func:`rmt.predict` classify image files with
+it, and export, quantization, the attention pictures and the demo load their model through it.
 
 A :class:`Classifier` is a model together with what it needs to read a photo: its evaluation
 transform and its class names.
@@ -33,8 +34,8 @@ from ..data.image import _to_rgb as to_rgb
 from ..data.transforms import eval_transform
 from ..errors import RMTError
 from ..models.factory import checkpoint_info, create_model, find_checkpoint
-from ..training.distributed import resolve_device
-from ..training.precision import amp_dtype, autocast, describe_precision, fast_bf16
+from .precision import amp_dtype, autocast, describe_precision, fast_bf16
+from .processes import resolve_device
 
 __all__ = [
     "Classifier",
