@@ -43,7 +43,7 @@ from .fast import Route, compute_dtype, route
 from .fast.kernel import fused_rotation_applies, rotate, rotation_applies, short_attention, short_attention_applies
 from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv, linear_chunks, scale_add
 
-__all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
+__all__ = ["MaSATables", "RelPos2d", "FrozenTables", "MaSA", "TokenConv"]
 
 
 class MaSATables(NamedTuple):
@@ -119,6 +119,14 @@ class RelPos2d(nn.Module):
         if taken in (Route.GRAPH, Route.ONNX):  # compiled/exported graphs build them too, so exports take any size
             return self._build(h, w, compute_dtype(x))
         return self._cached(h, w, compute_dtype(x))
+
+    @torch.no_grad()
+    def frozen(self, h: int, w: int, x: torch.Tensor) -> FrozenTables:
+        """A stand-in for this module holding the tables of an ``h x w`` grid for inputs like ``x``, as
+        buffers (fixed-size exports: exporters write them as initializers, and the graph holds no size
+        arithmetic). It accepts only that grid."""
+        tables = self(h, w, x)
+        return FrozenTables(MaSATables(tables.cos, tables.sin, tables.bias, tables.bias_h), (h, w))
 
     @torch.jit.unused
     def _cached(self, h: int, w: int, dtype: torch.dtype) -> MaSATables:
@@ -197,6 +205,24 @@ def _distance_1d(length: int, decay: torch.Tensor) -> torch.Tensor:
     """``|i - j| * decay[head]``, ``(heads, length, length)``."""
     index = torch.arange(length, device=decay.device).to(decay)
     return (index[:, None] - index[None, :]).abs() * decay[:, None, None]
+
+
+class FrozenTables(nn.Module):
+    """Stands in for a stage's :class:`RelPos2d` (see :meth:`RelPos2d.frozen`): the tables of one token
+    grid, as buffers."""
+
+    def __init__(self, tables: MaSATables, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("cos", tables.cos, persistent=False)
+        self.register_buffer("sin", tables.sin, persistent=False)
+        self.register_buffer("bias", tables.bias, persistent=False)
+        self.register_buffer("bias_h", tables.bias_h, persistent=False)  # None for full MaSA
+
+    def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
+        if (h, w) != self.grid:
+            raise ValueError(f"tables frozen for a {self.grid[0]}x{self.grid[1]} token grid, got {h}x{w}")
+        return MaSATables(self.cos, self.sin, self.bias, self.bias_h)
 
 
 class TokenConv(nn.Module):
@@ -324,8 +350,8 @@ class MaSA(nn.Module):
           (``scaled_dot_product_attention``, scale 1, which OpenVINO converts to its fused
           ``ScaledDotProductAttention``; traced for ONNX at opset 23, ONNX's ``Attention``).
 
-        Used on a copy of the model by the exports (:func:`rmt.tools.export.fold_for_export`); the
-        layer then computes only in that form (eager included, for checking it).
+        Called for every block by :meth:`rmt.models.rmt.RMT.reparameterize` (the exports use it on a copy
+        of the model); the layer then computes only in that form (eager included, for checking it).
         """
         if self.reparameterized:
             return

@@ -496,6 +496,31 @@ class RMT(nn.Module):
         aux[:, r0:r1, c0:c1] = aux.flip(0)[:, r0:r1, c0:c1]
         return logits, aux.flatten(1, 2), box
 
+    # ----------------------------------------------------------------------------- export
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Rewrite every block, in place, into its export form (as timm's ``reparameterize_model``): the
+        residual depthwise convolutions become plain ones (:meth:`TokenConv.reparameterize`) and each MaSA
+        folds its rotation's pair swap and its scale into the projection (:meth:`MaSA.reparameterize`).
+        The same function; traced, every weight is a constant of the graph (what ONNX Runtime's quantizer
+        and TensorRT need) and each attention pass the pattern that runtimes fuse."""
+        for module in self.modules():
+            if isinstance(module, (TokenConv, MaSA)):
+                module.reparameterize()
+
+    @torch.no_grad()
+    def freeze_tables(self, example: torch.Tensor) -> None:
+        """Fix every stage's MaSA tables, in place, to those of ``example``'s height and width (in its
+        dtype): buffers (:meth:`RelPos2d.frozen`), which exporters write as initializers, so that a
+        fixed-size graph holds no size arithmetic and no control flow. The model then takes inputs of
+        that size only."""
+        tokens = self.patch_embed(example[:1])  # the stem and the downsampling convs give each stage's grid
+        for i, stage in enumerate(self.layers):
+            if i > 0:
+                tokens = self.layers[i - 1].downsample(tokens)
+            if isinstance(stage.relpos, RelPos2d):
+                stage.relpos = stage.relpos.frozen(tokens.shape[1], tokens.shape[2], example)
+
     # ----------------------------------------------------------------------------- weights
     @torch.jit.ignore
     def load_pretrained(self, path: str) -> None:
