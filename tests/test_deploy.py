@@ -18,7 +18,7 @@ from rmt.models.hub import save_hub_folder
 from rmt.models.masa import MaSA, TokenConv
 from rmt.runtime.accuracy import evaluate
 from rmt.tools.benchmark import _OnnxRunner, _OpenVINORunner, benchmark, profile_onnx
-from rmt.tools.export import export_model, fold_for_export, freeze_masa_tables, load_exported
+from rmt.tools.export import export_form, export_model, load_exported
 from rmt.tools.quantize import OnnxRuntimeModel, OpenVINOModel, openvino_core, quantize_linear_dynamic
 
 DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
@@ -45,19 +45,22 @@ def _graph(path):
 
 
 def test_fold_keeps_outputs_and_removes_computed_weights(tiny):
-    folded = fold_for_export(tiny)
+    folded = export_form(tiny)  # a copy, through RMT.reparameterize
     assert not any(m.residual for m in folded.modules() if isinstance(m, TokenConv))
     assert any(m.residual for m in tiny.modules() if isinstance(m, TokenConv))  # the original is untouched
     images = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
-        assert (folded(images) - tiny(images)).abs().max() < 1e-5
+        once = folded(images)
+        assert (once - tiny(images)).abs().max() < 1e-5
+        folded.reparameterize()  # a second time changes nothing
+        assert torch.equal(folded(images), once)
 
 
 def test_export_form_of_masa(tiny):
     """MaSA's export form: the pair swap and the scale folded into a 5C projection, attention as
     softmax(q k^T + decay) v with scale 1; the same logits eagerly and in a plain-ops trace (the path
     exporters take), full and decomposed MaSA alike."""
-    folded = fold_for_export(tiny)
+    folded = export_form(tiny)
     layers = [m for m in folded.modules() if isinstance(m, MaSA)]
     assert {m.decomposed for m in layers} == {True, False}
     assert all(m.reparameterized and m.qkv.out_features == 5 * m.qkv.in_features for m in layers)
@@ -95,7 +98,7 @@ def test_static_graph_for_accelerators(tiny, tmp_path, capsys):
     initializers = {i.name for i in graph.initializer}
     assert all(n.input[0] in initializers for n in graph.node if n.op_type == "Slice")
     constants = [torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in graph.initializer]
-    frozen = freeze_masa_tables(fold_for_export(tiny), torch.zeros(1, 3, 64, 96))
+    frozen = export_form(tiny, torch.zeros(1, 3, 64, 96))  # through RMT.freeze_tables
     for stage in frozen.layers:
         tables, heads = stage.relpos, stage.blocks[0].retention.num_heads
         expected = {"bias": [tables.bias]}

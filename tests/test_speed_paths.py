@@ -5,11 +5,14 @@ and check that the fast kernel is the one that actually runs.
 """
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from golden import TINY_ARGS, TINY_CASES
 from rmt.models import RMT
+from rmt.models.fast import ONNX_OPERATORS_AVAILABLE, Route, onnx_operators, route
 from rmt.models.fast import ops as fused
 
 
@@ -202,3 +205,37 @@ def test_cuda_training_step_with_bf16_autocast():
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     optimizer.step()
+
+
+def test_route_of_each_mode():
+    """One decision per call (rmt.models.fast.route): the fast paths on plain eager tensors only; plain
+    forms in traces and on meta tensors; ATen ops in captured graphs, under FLOP counting and for
+    tensor subclasses; ONNX's operators in graphs captured under onnx_operators()."""
+    seen = []
+
+    def record(x):
+        seen.append(route(x))
+        return x + 1
+
+    class Record(nn.Module):
+        def forward(self, x):
+            return record(x)
+
+    def routes(run) -> set:
+        seen.clear()
+        run()
+        return set(seen)
+
+    x = torch.randn(2, 3)
+    assert routes(lambda: record(x)) == {Route.FAST}
+    assert routes(lambda: record(torch.randn(2, 3, device="meta"))) == {Route.PLAIN}
+    assert routes(lambda: torch.jit.trace(record, x, check_trace=False)) == {Route.PLAIN}
+    assert routes(lambda: torch.fx.symbolic_trace(record)) == {Route.PLAIN}
+    with FlopCounterMode(display=False):
+        assert routes(lambda: record(x)) == {Route.ATEN}
+    assert routes(lambda: record(nn.Parameter(x))) == {Route.ATEN}
+    assert routes(lambda: torch.export.export(Record(), (x,))) == {Route.GRAPH}
+    with onnx_operators():
+        assert routes(lambda: record(x)) == {Route.FAST}  # eager calls are unaffected
+        exported = routes(lambda: torch.export.export(Record(), (x,)))
+    assert exported == {Route.ONNX if ONNX_OPERATORS_AVAILABLE else Route.GRAPH}

@@ -7,10 +7,12 @@ The network talks to this module through two objects only:
   resolution needs (:class:`MaSATables`), kept in a small LRU cache.
 * :class:`MaSA` -- ``(B, h, w, C) -> (B, h, w, C)`` given those tables; full or decomposed.
 
-Both have plain-PyTorch forms beside their fast paths, taken under TorchScript, FX symbolic tracing
+Both have plain-PyTorch forms beside their fast paths, taken where :func:`rmt.models.fast.route`
+says :attr:`~rmt.models.fast.Route.PLAIN`: under TorchScript, FX symbolic tracing, ``torch.jit.trace``
 and on meta tensors (timm's FX tracer keeps them as leaves instead, see :mod:`rmt.models.rmt`).
-Traced for ONNX (opset 23, :func:`rmt.models.fast.onnx_operators`), MaSA is written as ONNX's own
-``RotaryEmbedding`` and ``Attention`` operators.
+Exported for ONNX (opset 23, :func:`rmt.models.fast.onnx_operators`), MaSA is written as ONNX's own
+``RotaryEmbedding`` and ``Attention`` operators. For fixed-size exports the tables of one size stand
+in for :class:`RelPos2d` (:meth:`RelPos2d.frozen`).
 
 Everything about how the attention is computed lives behind those two, so a faster kernel can
 replace the internals without touching the network.
@@ -34,15 +36,14 @@ from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .fast import onnx_operators_enabled, tracing
+from .fast import Route, compute_dtype, route
 from .fast.kernel import fused_rotation_applies, rotate, rotation_applies, short_attention, short_attention_applies
-from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv, linear_chunks
+from .fast.ops import attention, depthwise_conv, fused_linear, gelu_dwconv, linear_chunks, scale_add
 
-__all__ = ["MaSATables", "RelPos2d", "MaSA", "TokenConv"]
+__all__ = ["MaSATables", "RelPos2d", "FrozenTables", "MaSA", "TokenConv"]
 
 
 class MaSATables(NamedTuple):
@@ -61,31 +62,6 @@ class MaSATables(NamedTuple):
     bias: torch.Tensor
     bias_h: Optional[torch.Tensor]
     phase: Optional[torch.Tensor] = None
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention will run in: the autocast dtype when autocast is on, else ``x``'s."""
-    if torch.jit.is_scripting():  # TorchScript has no autocast queries; scripted models run in x's dtype
-        return x.dtype
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def _plain_ops_only(x: torch.Tensor) -> bool:
-    """Whether ``x`` carries no values for a fast path to work on: a symbolic value of an FX trace
-    (the graph must record plain ops), a meta tensor (shapes only), or a ``torch.jit.trace``
-    (``openvino.convert_model`` traces so too): the traced graph must not depend on anything but the
-    input's shape -- not on grad mode (the fast paths pick their fusions by it) nor on the table cache --
-    or the tracer's check, which traces again under ``no_grad``, finds two different graphs.
-
-    (Scripting is tested with ``torch.jit.is_scripting()`` at the call site, where TorchScript
-    resolves it before compiling the branches.)
-    """
-    if torch.jit.is_scripting():
-        return False
-    return isinstance(x, torch.fx.Proxy) or x.is_meta or torch.jit.is_tracing()
 
 
 class RelPos2d(nn.Module):
@@ -130,12 +106,27 @@ class RelPos2d(nn.Module):
 
     def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
         """Tables for an ``h x w`` token grid, on ``x``'s device, in the dtype attention runs in."""
-        if torch.jit.is_scripting() or _plain_ops_only(x):  # built in the graph, no cache
+        if torch.jit.is_scripting():  # TorchScript builds them in the graph, in x's dtype (it has no autocast)
             return self._build(h, w, x.dtype)
-        dtype = _compute_dtype(x)
-        if tracing():  # compiled/exported graphs build them too, so exports take any size
-            return self._build(h, w, dtype)
-        return self._cached(h, w, dtype)
+        return self._tables(h, w, x)
+
+    @torch.jit.unused
+    def _tables(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
+        """:meth:`forward` in Python: built in the graph where one is recorded, else from the cache."""
+        taken = route(x)
+        if taken is Route.PLAIN:  # traces record them in x's dtype
+            return self._build(h, w, x.dtype)
+        if taken in (Route.GRAPH, Route.ONNX):  # compiled/exported graphs build them too, so exports take any size
+            return self._build(h, w, compute_dtype(x))
+        return self._cached(h, w, compute_dtype(x))
+
+    @torch.no_grad()
+    def frozen(self, h: int, w: int, x: torch.Tensor) -> FrozenTables:
+        """A stand-in for this module holding the tables of an ``h x w`` grid for inputs like ``x``, as
+        buffers (fixed-size exports: exporters write them as initializers, and the graph holds no size
+        arithmetic). It accepts only that grid."""
+        tables = self(h, w, x)
+        return FrozenTables(MaSATables(tables.cos, tables.sin, tables.bias, tables.bias_h), (h, w))
 
     @torch.jit.unused
     def _cached(self, h: int, w: int, dtype: torch.dtype) -> MaSATables:
@@ -216,6 +207,24 @@ def _distance_1d(length: int, decay: torch.Tensor) -> torch.Tensor:
     return (index[:, None] - index[None, :]).abs() * decay[:, None, None]
 
 
+class FrozenTables(nn.Module):
+    """Stands in for a stage's :class:`RelPos2d` (see :meth:`RelPos2d.frozen`): the tables of one token
+    grid, as buffers."""
+
+    def __init__(self, tables: MaSATables, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("cos", tables.cos, persistent=False)
+        self.register_buffer("sin", tables.sin, persistent=False)
+        self.register_buffer("bias", tables.bias, persistent=False)
+        self.register_buffer("bias_h", tables.bias_h, persistent=False)  # None for full MaSA
+
+    def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
+        if (h, w) != self.grid:
+            raise ValueError(f"tables frozen for a {self.grid[0]}x{self.grid[1]} token grid, got {h}x{w}")
+        return MaSATables(self.cos, self.sin, self.bias, self.bias_h)
+
+
 class TokenConv(nn.Module):
     """Depthwise convolution over channels-last tokens ``(B, h, w, C)``.
 
@@ -236,7 +245,7 @@ class TokenConv(nn.Module):
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """``conv(x)`` (``x + conv(x)`` with ``residual``); ``gelu=True`` convolves ``gelu(x)`` instead."""
-        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors
+        if torch.jit.is_scripting() or route(x) is Route.PLAIN:  # TorchScript, FX graphs, traces, meta tensors
             return self._forward_plain(x, gelu)
         weight = self.conv.weight + self.centre if self.residual else self.conv.weight
         nchw = x.permute(0, 3, 1, 2)
@@ -290,15 +299,6 @@ def _rotate_plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x * cos + x.reshape(b, h, w, n, d // 2, 2).flip(-1).reshape(b, h, w, n, d) * sin
 
 
-def _scale_add(y: torch.Tensor, scale: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """``residual + scale * y`` with either left out when ``None``: the plain form of the fused epilogues."""
-    if scale is not None:
-        y = scale * y
-    if residual is not None:
-        y = residual + y
-    return y
-
-
 class MaSA(nn.Module):
     """Manhattan Self-Attention over channels-last tokens ``(B, h, w, C)``.
 
@@ -326,11 +326,15 @@ class MaSA(nn.Module):
     def forward(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """MaSA of ``x``; with ``residual``/``scale`` given, ``residual + scale * MaSA(x)`` (fused where it can be)."""
-        if not torch.jit.is_scripting():  # (a static branch: TorchScript does not compile the export form)
-            if self.reparameterized:
-                return self._forward_export(x, tables, residual, scale)
-        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors
+        if torch.jit.is_scripting():  # (a static branch: TorchScript compiles the plain form only)
             return self._forward_plain(x, tables, residual, scale)
+        taken = route(x)
+        if self.reparameterized:
+            return self._forward_export(x, tables, residual, scale, taken is Route.ONNX)
+        if taken is Route.PLAIN:  # FX graphs, traces, meta tensors
+            return self._forward_plain(x, tables, residual, scale)
+        if taken is Route.ONNX:
+            return self._forward_onnx(x, tables, residual, scale)
         return self._forward_fast(x, tables, residual, scale)
 
     @torch.no_grad()
@@ -346,8 +350,8 @@ class MaSA(nn.Module):
           (``scaled_dot_product_attention``, scale 1, which OpenVINO converts to its fused
           ``ScaledDotProductAttention``; traced for ONNX at opset 23, ONNX's ``Attention``).
 
-        Used on a copy of the model by the exports (:func:`rmt.tools.export.fold_for_export`); the
-        layer then computes only in that form (eager included, for checking it).
+        Called for every block by :meth:`rmt.models.rmt.RMT.reparameterize` (the exports use it on a copy
+        of the model); the layer then computes only in that form (eager included, for checking it).
         """
         if self.reparameterized:
             return
@@ -363,8 +367,9 @@ class MaSA(nn.Module):
 
     @torch.jit.unused
     def _forward_export(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor],
-                        scale: Optional[torch.Tensor]) -> torch.Tensor:
-        """:meth:`forward` of the export form (see :meth:`reparameterize`)."""
+                        scale: Optional[torch.Tensor], onnx_operators: bool) -> torch.Tensor:
+        """:meth:`forward` of the export form (see :meth:`reparameterize`); each pass ONNX's ``Attention``
+        with ``onnx_operators``."""
         b, h, w, c = x.shape
         n, d = self.num_heads, self.key_dim
         q, q_swapped, k, k_swapped, v = F.linear(x, self.qkv.weight, self.qkv.bias).split(c, dim=-1)
@@ -374,7 +379,7 @@ class MaSA(nn.Module):
         sin = tables.sin.expand(h, w, n, d).reshape(h, w, c)
         q = q * cos + q_swapped * sin
         k = k * cos + k_swapped * sin
-        if onnx_operators_enabled():  # ONNX's Attention takes (batch, len, C) with the heads side by side
+        if onnx_operators:  # ONNX's Attention takes (batch, len, C) with the heads side by side
             def attend(q_, k_, v_, bias):
                 return torch.onnx.ops.attention(q_, k_, v_, bias, q_num_heads=n, kv_num_heads=n, scale=1.0)[0]
 
@@ -401,13 +406,11 @@ class MaSA(nn.Module):
             tokens = [t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v)]  # (b, n, hw, d)
             out = F.scaled_dot_product_attention(tokens[0], tokens[1], tokens[2], attn_mask=tables.bias, scale=1.0)
             out = out.transpose(1, 2).reshape(b, h, w, c)
-        return _scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
+        return scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
 
     @torch.jit.unused
     def _forward_fast(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor] = None,
                       scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if onnx_operators_enabled():
-            return self._forward_onnx(x, tables, residual, scale)
         b, h, w, c = x.shape
         n, d = self.num_heads, self.key_dim
         q, k, v = linear_chunks(x, self.qkv, 3)
@@ -455,7 +458,7 @@ class MaSA(nn.Module):
             out = F.scaled_dot_product_attention(tokens[0], tokens[1], tokens[2], attn_mask=tables.bias,
                                                  scale=self.scale)
             out = out.transpose(1, 2).reshape(b, h, w, c)
-        return _scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
+        return scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
 
     @torch.jit.unused
     def _forward_onnx(self, x: torch.Tensor, tables: MaSATables, residual: Optional[torch.Tensor],
@@ -487,7 +490,7 @@ class MaSA(nn.Module):
             out = attend(cols(q), cols(k), cols(v), tables.bias_h[:, :n]).reshape(b, w, h, c).transpose(1, 2)
         else:
             out = attend(q, k, v.reshape(b, h * w, c), tables.bias).reshape(b, h, w, c)
-        return _scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
+        return scale_add(F.linear(out + lepe, self.out_proj.weight, self.out_proj.bias), scale, residual)
 
     def _decomposed(self, q, k, v, tables: MaSATables) -> torch.Tensor:
         """Row then column passes over unrotated ``(b, h, w, n, d)`` q/k: rotated by the compiled kernel

@@ -30,8 +30,9 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fast.ops import fused_linear, layer_norm, strided_conv
-from .masa import MaSA, MaSATables, RelPos2d, TokenConv, _plain_ops_only, _scale_add
+from .fast import Route, route
+from .fast.ops import fused_linear, layer_norm, scale_add, strided_conv
+from .masa import MaSA, MaSATables, RelPos2d, TokenConv
 from .weights import (
     CheckpointError,
     CheckpointMismatchError,
@@ -60,9 +61,9 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors: plain ops
+        if torch.jit.is_scripting() or route(x) is Route.PLAIN:  # TorchScript, FX graphs, traces, meta tensors
             hidden = self.dwconv(F.linear(x, self.fc1.weight, self.fc1.bias), gelu=True)
-            return _scale_add(F.linear(hidden, self.fc2.weight, self.fc2.bias), scale, residual)
+            return scale_add(F.linear(hidden, self.fc2.weight, self.fc2.bias), scale, residual)
         if torch.is_grad_enabled():  # GELU goes with the conv, which then stores only its input
             hidden = self.dwconv(fused_linear(x, self.fc1), gelu=True)
         else:  # inference: GELU rides on fc1's matmul
@@ -105,7 +106,7 @@ class RMTBlock(nn.Module):
             y = self.ffn(self.final_layer_norm(x))
             return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
         # residual adds and layer scale ride on the output projections (see rmt.models.fast.ops)
-        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors: plain ops
+        if torch.jit.is_scripting() or route(x) is Route.PLAIN:  # TorchScript, FX graphs, traces, meta tensors
             x = self.retention(self.retention_layer_norm(x), tables, residual=x, scale=self.gamma_1)
             return self.ffn(self.final_layer_norm(x), residual=x, scale=self.gamma_2)
         x = self.retention(layer_norm(x, self.retention_layer_norm), tables, residual=x, scale=self.gamma_1)
@@ -130,7 +131,7 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or _plain_ops_only(x):  # TorchScript, FX graphs, meta tensors
+        if torch.jit.is_scripting() or route(x) is Route.PLAIN:  # TorchScript, FX graphs, traces, meta tensors
             return self.norm(self.reduction(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
         return self._forward_checked(x)
 
@@ -494,6 +495,31 @@ class RMT(nn.Module):
         aux = aux.clone()
         aux[:, r0:r1, c0:c1] = aux.flip(0)[:, r0:r1, c0:c1]
         return logits, aux.flatten(1, 2), box
+
+    # ----------------------------------------------------------------------------- export
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Rewrite every block, in place, into its export form (as timm's ``reparameterize_model``): the
+        residual depthwise convolutions become plain ones (:meth:`TokenConv.reparameterize`) and each MaSA
+        folds its rotation's pair swap and its scale into the projection (:meth:`MaSA.reparameterize`).
+        The same function; traced, every weight is a constant of the graph (what ONNX Runtime's quantizer
+        and TensorRT need) and each attention pass the pattern that runtimes fuse."""
+        for module in self.modules():
+            if isinstance(module, (TokenConv, MaSA)):
+                module.reparameterize()
+
+    @torch.no_grad()
+    def freeze_tables(self, example: torch.Tensor) -> None:
+        """Fix every stage's MaSA tables, in place, to those of ``example``'s height and width (in its
+        dtype): buffers (:meth:`RelPos2d.frozen`), which exporters write as initializers, so that a
+        fixed-size graph holds no size arithmetic and no control flow. The model then takes inputs of
+        that size only."""
+        tokens = self.patch_embed(example[:1])  # the stem and the downsampling convs give each stage's grid
+        for i, stage in enumerate(self.layers):
+            if i > 0:
+                tokens = self.layers[i - 1].downsample(tokens)
+            if isinstance(stage.relpos, RelPos2d):
+                stage.relpos = stage.relpos.frozen(tokens.shape[1], tokens.shape[2], example)
 
     # ----------------------------------------------------------------------------- weights
     @torch.jit.ignore

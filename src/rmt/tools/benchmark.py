@@ -269,9 +269,9 @@ class _OnnxRunner(_ExportedRunner):
     suffix = ".onnx"
 
     def _export(self, model, x, path):
-        from .export import fold_for_export, freeze_masa_tables, write_export
+        from .export import export_form, write_export
 
-        write_export(freeze_masa_tables(fold_for_export(model), x), x, "onnx", path)
+        write_export(export_form(model, x), x, "onnx", path)
 
     def _quantize(self, float_path, path, calibration):
         from .quantize import quantize_onnx
@@ -294,9 +294,9 @@ class _OpenVINORunner(_ExportedRunner):
     suffix = ".xml"
 
     def _export(self, model, x, path):
-        from .export import fold_for_export, freeze_masa_tables, write_openvino
+        from .export import export_form, write_openvino
 
-        write_openvino(freeze_masa_tables(fold_for_export(model), x), x, path, dynamic_batch=False)
+        write_openvino(export_form(model, x), x, path, dynamic_batch=False)
 
     def _quantize(self, float_path, path, calibration):
         from .quantize import quantize_openvino

@@ -26,12 +26,13 @@ works at any size; like the others, it is checked at a second, non-square size a
 
 Every weight reaches the exported graph as a constant: the residual depthwise convolutions
 (``x + DWConv(x)``, computed in eager mode as one convolution with ``weight + centre``) are folded
-into plain convolutions on a copy of the model first (:func:`fold_for_export`), so graph tools
-that need constant weights (ONNX Runtime's quantizer, TensorRT) see them.
+into plain convolutions on a copy of the model first (:func:`export_form`, through
+:meth:`rmt.models.rmt.RMT.reparameterize`), so graph tools that need constant weights (ONNX Runtime's
+quantizer, TensorRT) see them.
 
 ``static=True`` (ONNX) fixes every dimension, batch included, and computes the MaSA tables of that
-size ahead of time (:func:`freeze_masa_tables`): they become initializers, and the graph holds no
-size arithmetic and no control flow -- what TensorRT builders want.
+size ahead of time (:meth:`rmt.models.rmt.RMT.freeze_tables`): they become initializers, and the graph
+holds no size arithmetic and no control flow -- what TensorRT builders want.
 
 ONNX exports at opset 23 or later (the default) write MaSA's passes as ONNX's ``Attention``
 operator (the export form, :meth:`rmt.models.masa.MaSA.reparameterize`: its rotation is a multiply-add),
@@ -39,7 +40,7 @@ which ONNX Runtime runs as single kernels; an earlier ``opset`` (for runtimes wi
 gets the same arithmetic in plain ops (``MatMul``, ``Softmax``, ...).
 
 OpenVINO exports are made by ``openvino.convert_model`` from the export form of the model (weights
-folded, MaSA tables of the example's size as constants, see :func:`freeze_masa_tables`): a dynamic
+folded, MaSA tables of the example's size as constants, see :func:`export_form`): a dynamic
 batch, a fixed height and width, float32 weights; they are loaded back (and timed) in float32
 (``INFERENCE_PRECISION_HINT`` ``f32``: OpenVINO would otherwise run bfloat16 on CPUs that have it).
 
@@ -67,13 +68,12 @@ from ..errors import RMTError
 from ..files import atomic_write_bytes
 from ..models.factory import checkpoint_info
 from ..models.fast import ONNX_OPERATORS_AVAILABLE, onnx_operators
-from ..models.masa import MaSA, MaSATables, RelPos2d, TokenConv
 from ..models.rmt import RMT
 from ..runtime.classifier import load_classifier
 from .quantize import _openvino, check_data_folders, openvino_compiled, quantize_export, save_openvino
 
-__all__ = ["FORMATS", "QUANTIZE", "ExportResult", "ExportVerificationError", "export_model", "fold_for_export",
-           "freeze_masa_tables", "load_exported", "verify_export", "write_openvino"]
+__all__ = ["FORMATS", "QUANTIZE", "ExportResult", "ExportVerificationError", "export_form", "export_model",
+           "load_exported", "verify_export", "write_openvino"]
 
 _logger = logging.getLogger(__name__)
 
@@ -117,58 +117,19 @@ class ExportResult:
         return out
 
 
-def fold_for_export(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose every weight is a constant of the graph.
-
-    A residual :class:`~rmt.models.masa.TokenConv` computes ``x + conv(x)`` as one convolution
-    with ``weight + centre``; traced, that sum is a node of the graph and the convolution's weight
-    a computed value. Here the sum is done once, in the weights, and the convolution is made plain:
-    the same numbers, every weight an initializer. Every MaSA takes its export form
-    (:meth:`rmt.models.masa.MaSA.reparameterize`: rotation swap and scale folded into the projection,
-    attention in the pattern runtimes fuse).
+def export_form(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+    """A copy of ``model`` in the form the exports trace: every RMT in it reparameterized
+    (:meth:`rmt.models.rmt.RMT.reparameterize`: every weight a constant of the graph, MaSA's rotation
+    swap and scale folded into its projection, attention in the pattern runtimes fuse) and, given
+    ``example``, its MaSA tables fixed to ``example``'s size (:meth:`rmt.models.rmt.RMT.freeze_tables`:
+    initializers, no size arithmetic; the copy then takes inputs of that size only). Other models are
+    copied unchanged.
     """
     model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, (TokenConv, MaSA)):
-            module.reparameterize()
-    return model
-
-
-class _FrozenTables(nn.Module):
-    """Stands in for a stage's :class:`~rmt.models.masa.RelPos2d`: the tables of one token grid, as buffers."""
-
-    def __init__(self, tables: MaSATables, grid: tuple[int, int]):
-        super().__init__()
-        self.grid = grid
-        self.register_buffer("cos", tables.cos, persistent=False)
-        self.register_buffer("sin", tables.sin, persistent=False)
-        self.register_buffer("bias", tables.bias, persistent=False)
-        self.register_buffer("bias_h", tables.bias_h, persistent=False)  # None for full MaSA
-
-    def forward(self, h: int, w: int, x: torch.Tensor) -> MaSATables:
-        if (h, w) != self.grid:
-            raise ValueError(f"tables frozen for a {self.grid[0]}x{self.grid[1]} token grid, got {h}x{w}")
-        return MaSATables(self.cos, self.sin, self.bias, self.bias_h)
-
-
-@torch.no_grad()
-def freeze_masa_tables(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """Replace the MaSA table builders of every RMT in ``model`` with the tables of ``example``'s size
-    (in place; a model without RMT stages is returned unchanged).
-
-    Traced, :class:`~rmt.models.masa.RelPos2d` builds its tables in the graph (that is what makes
-    height and width dynamic); frozen, they are buffers, which exporters write as initializers. The
-    model then accepts only inputs of ``example``'s height and width.
-    """
     for net in [m for m in model.modules() if isinstance(m, RMT)]:
-        tokens = net.patch_embed(example[:1])  # the stem and the downsampling convs give each stage's grid
-        for i, stage in enumerate(net.layers):
-            if i > 0:
-                tokens = net.layers[i - 1].downsample(tokens)
-            h, w = tokens.shape[1:3]
-            if isinstance(stage.relpos, RelPos2d):
-                tables = stage.relpos(h, w, example)  # float32, eager: the cached tables
-                stage.relpos = _FrozenTables(MaSATables(tables.cos, tables.sin, tables.bias, tables.bias_h), (h, w))
+        net.reparameterize()
+        if example is not None:
+            net.freeze_tables(example)
     return model
 
 
@@ -427,7 +388,7 @@ def export_model(
         opset: ONNX opset (default: 23, the first with the ``Attention`` and ``RotaryEmbedding``
             operators MaSA is written with; earlier opsets get MaSA in plain ops).
         static: ONNX only: every dimension fixed (batch ``batch_size``, default 1), the MaSA tables
-            as initializers, no control flow (:func:`freeze_masa_tables`).
+            as initializers, no control flow (:meth:`rmt.models.rmt.RMT.freeze_tables`).
         batch_size: the batch of a ``static`` export.
         quantize: ``"int8"`` (ONNX, OpenVINO): ``output`` is the statically quantized model, and the
             float32 export is kept beside it as ``<stem>.fp32.onnx`` (``.fp32.xml``); see
@@ -467,9 +428,7 @@ def export_model(
     float_path = path.with_suffix(f".fp32{path.suffix}") if quantize else path
     batch = (batch_size or 1) if static else 2
     example = torch.randn(batch, channels, h, w, generator=torch.Generator().manual_seed(0))
-    graph_model = fold_for_export(net)
-    if static or fmt == "openvino":
-        freeze_masa_tables(graph_model, example)
+    graph_model = export_form(net, example if static or fmt == "openvino" else None)
     try:
         write_export(graph_model, example, fmt, float_path, dynamic, opset)
     except RMTError:  # a full disk (rmt.files.WriteError) or an opset the exporter cannot write

@@ -43,7 +43,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import fast_path_allowed
+from . import Route, route
 
 __all__ = ["short_attention", "short_attention_applies", "fused_rotation_applies", "rotate", "rotation_applies",
            "depthwise_forward", "depthwise_backward", "depthwise_applies", "layer_norm", "layer_norm_applies",
@@ -131,7 +131,7 @@ def short_attention_applies(q: torch.Tensor, bias: torch.Tensor) -> bool:
     (the compiled cases), and the kernel built."""
     if not _enabled or _failed or q.device.type != "cpu" or q.dtype not in _DTYPES or bias.dtype != q.dtype:
         return False
-    if not fast_path_allowed(q):
+    if route(q) is not Route.FAST:
         return False
     if q.shape[-2] > MAX_SHORT_LENGTH or q.shape[-1] not in (16, 32, 64) or bias.requires_grad:
         return False
@@ -200,7 +200,7 @@ def rotation_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
     stride in ``d``, tables of ``x``'s dtype that need no gradient, and the kernel built."""
     if not _enabled or _failed or x.device.type != "cpu" or x.dtype != torch.bfloat16 or cos.dtype != x.dtype:
         return False
-    if not fast_path_allowed(x) or x.dim() != 5 or x.stride(-1) != 1 or cos.requires_grad:
+    if route(x) is not Route.FAST or x.dim() != 5 or x.stride(-1) != 1 or cos.requires_grad:
         return False
     return _load() is not None
 
@@ -246,7 +246,7 @@ def depthwise_applies(x: torch.Tensor, weight: torch.Tensor, padding, dtype: Opt
     k = weight.shape[-1]
     if weight.shape != (x.shape[1], 1, k, k) or k not in (3, 5, 7) or tuple(padding) != (k // 2, k // 2):
         return False
-    if x.stride(1) != 1 or x.shape[1] % 16 or not fast_path_allowed(x):
+    if x.stride(1) != 1 or x.shape[1] % 16 or route(x) is not Route.FAST:
         return False
     return _load() is not None
 
@@ -278,7 +278,7 @@ def layer_norm_applies(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
     weight, bias = norm.weight, norm.bias
     if tuple(norm.normalized_shape) != (x.shape[-1],) or x.shape[-1] % 16 or weight is None or bias is None:
         return False
-    if weight.dtype != torch.float32 or bias.dtype != torch.float32 or not fast_path_allowed(x):
+    if weight.dtype != torch.float32 or bias.dtype != torch.float32 or route(x) is not Route.FAST:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return False

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import compute_dtype, fast_path_allowed, kernel
+from . import Route, compute_dtype, kernel, route
 
-__all__ = ["fused_linear", "linear_chunks", "gelu_dwconv", "depthwise_conv", "strided_conv", "layer_norm", "attention",
-           "use_onednn"]
+__all__ = ["fused_linear", "scale_add", "linear_chunks", "gelu_dwconv", "depthwise_conv", "strided_conv", "layer_norm",
+           "attention", "use_onednn"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # dtypes the oneDNN path runs in: bfloat16 where oneDNN has bf16 kernels for this CPU (AVX512-BF16/AMX,
@@ -56,7 +56,7 @@ def use_onednn(enabled: bool) -> None:
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor],
                     dtype: torch.dtype) -> bool:
-    if not (_ONEDNN and _enabled) or not fast_path_allowed(x):
+    if not (_ONEDNN and _enabled) or route(x) is not Route.FAST:
         return False
     if x.device.type != "cpu" or dtype not in _ONEDNN_DTYPES or x.dtype not in _ONEDNN_DTYPES:
         return False
@@ -99,12 +99,21 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, *, gelu: bool = False, scale
 
 def _epilogue(y: torch.Tensor, gelu: bool, scale: Optional[torch.Tensor], residual: Optional[torch.Tensor]
               ) -> torch.Tensor:
-    """``residual + scale * act(y)`` in plain ops."""
+    """``residual + scale * act(y)`` in plain ops, the layer scale in ``y``'s dtype (a float32 scale
+    would widen it)."""
     if gelu:
         y = F.gelu(y)
+    return scale_add(y, None if scale is None else scale.to(y.dtype), residual)
+
+
+def scale_add(y: torch.Tensor, scale: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``residual + scale * y``, either left out when ``None``: the epilogue of :func:`fused_linear` in
+    plain ops, as the plain forms of the blocks write it (TorchScript compiles it)."""
     if scale is not None:
-        y = scale.to(y.dtype) * y  # the layer scale in the output's dtype (a float32 scale would widen it)
-    return y if residual is None else residual + y
+        y = scale * y
+    if residual is not None:
+        y = residual + y
+    return y
 
 
 def linear_chunks(x: torch.Tensor, layer: nn.Linear, chunks: int) -> list[torch.Tensor]:
@@ -226,7 +235,7 @@ def gelu_dwconv(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """
     dtype = compute_dtype(h)
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    if needs_grad and fast_path_allowed(h):
+    if needs_grad and route(h) is Route.FAST:
         # autocast would run the conv (and so GELU's output) in its dtype: cast h first, then all of
         # the function's ops run in that dtype whether autocast is on or not (any device, meta too)
         return _GeluDWConv.apply(h.to(dtype), weight, bias, tuple(padding))
@@ -268,7 +277,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     """
     dtype = compute_dtype(q)
     if (q.device.type == "cpu" and dtype in _REDUCED and torch.is_grad_enabled()
-            and (q.requires_grad or k.requires_grad or v.requires_grad) and fast_path_allowed(q)):
+            and (q.requires_grad or k.requires_grad or v.requires_grad) and route(q) is Route.FAST):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs back down
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(), scale=scale)
         return out.to(dtype)
