@@ -449,6 +449,7 @@ class TrainingRun:
         if self.progress.iteration % self.cfg.log_interval:
             return
         self.step.check_finite()
+        loss = loss.detach()
         if self.trackers.active:  # the throughput since the previous logged step
             (since, images), now = self._logged_at, time.perf_counter()
             self._logged_at = (now, self._round_images)
