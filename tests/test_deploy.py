@@ -209,7 +209,6 @@ def test_openvino_float_and_int8_on_the_runs_own_data(tiny, openvino_int8_export
     """--format openvino: the float32 IR matches PyTorch (dynamic batch, fixed size), its MaSA is
     OpenVINO's fused attention; --quantize int8 quantizes it with NNCF on the digits train split and
     reports both accuracies on the test split, the float32 one equal to PyTorch's."""
-    import openvino as ov
 
     result, out = openvino_int8_export, openvino_int8_export.path
     q = result.quantization

@@ -20,7 +20,7 @@ from rmt.detection import train as train_detector
 from rmt.errors import RMTError
 from rmt.segmentation import SegConfig
 from rmt.segmentation import train as train_segmentor
-from rmt.training import TrainingRun, load_config
+from rmt.training import OptimizerStep, load_config
 from rmt.training.checkpoint import read_run_checkpoint
 from rmt.training.config import config_from_flags
 from rmt.training.tracking import resolve_trackers
@@ -86,20 +86,20 @@ class _Crash(Exception):
 def test_resume_after_a_crash_drops_the_steps_logged_after_the_checkpoint(tmp_path, monkeypatch):
     """Steps logged after the last checkpoint by a run that then died are replaced, not repeated (purge_step);
     a resume logs the run text again at its step."""
-    original = TrainingRun._optimizer_step
+    original = OptimizerStep.optimizer_step
 
     def crash_at_update_4(self):
         original(self)
         if self.progress.iteration == 4:  # update 3 was logged and flushed (at exit); last.pth is at update 2
             raise _Crash
 
-    monkeypatch.setattr(TrainingRun, "_optimizer_step", crash_at_update_4)
+    monkeypatch.setattr(OptimizerStep, "optimizer_step", crash_at_update_4)
     with pytest.raises(_Crash):
         train_classifier(tiny_config(tmp_path / "run", epochs=3))
     run = tmp_path / "run"
     assert read_run_checkpoint(run / "last.pth").progress.iteration == 2
     assert steps(events(run), "train/loss") == [1, 2, 3]
-    monkeypatch.setattr(TrainingRun, "_optimizer_step", original)
+    monkeypatch.setattr(OptimizerStep, "optimizer_step", original)
     train_classifier(load_config(ClassificationConfig, str(run / "config.yaml"), {"resume": "auto"}))
     logged = events(run)
     assert steps(logged, "train/loss") == [1, 2, 3, 4, 5, 6]

@@ -21,7 +21,7 @@ from rmt.errors import RMTError, RunInterrupted
 from rmt.models import create_model
 from rmt.models.weights import load_matching_weights, read_metadata
 from rmt.runtime.processes import DistInfo, ShardSampler
-from rmt.training import TrainingRun, load_config
+from rmt.training import OptimizerStep, load_config
 from rmt.training.checkpoint import read_run_checkpoint
 
 QUICK = dict(max_train_samples=128, max_val_samples=64, img_size=16, batch_size=32, epochs=2, warmup_epochs=1)
@@ -139,7 +139,7 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
     expected = torch.load(straight.output / "last.pth", weights_only=True)["model"]
 
     steps = {"n": 0}
-    original = TrainingRun._optimizer_step
+    original = OptimizerStep.optimizer_step
 
     def step_then_signal(self):
         original(self)
@@ -147,14 +147,14 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
         if steps["n"] == 3:  # inside the first epoch (4 steps of 32)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(TrainingRun, "_optimizer_step", step_then_signal)
+    monkeypatch.setattr(OptimizerStep, "optimizer_step", step_then_signal)
     with pytest.raises(RunInterrupted) as stop:
         train(quick_config(tmp_path / "b"))
     assert stop.value.exit_status == 128 + signal.SIGTERM and "--resume auto" in str(stop.value)
     stopped = tmp_path / "b" / "run"
     checkpoint = read_run_checkpoint(stopped / "last.pth")
     assert (checkpoint.progress.epoch, checkpoint.progress.step) == (0, 3)
-    monkeypatch.setattr(TrainingRun, "_optimizer_step", original)
+    monkeypatch.setattr(OptimizerStep, "optimizer_step", original)
     resumed = train(config(str(stopped / "config.yaml"), {"resume": "auto"}))
     final = torch.load(resumed.output / "last.pth", weights_only=True)["model"]
     for key, value in expected.items():

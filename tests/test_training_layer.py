@@ -120,18 +120,31 @@ def _run(tmp_path, **overrides):
                        default_output="", command="rmt train")
 
 
+def _train_batch(run, step, loss, count=1):
+    """One batch as the task loops train it."""
+    if not step.backward(loss):
+        return
+    run.record_loss(loss, count=count)
+    if step.due:
+        step.clip_gradients()
+        step.optimizer_step()
+        step.update_ema()
+        step.schedule()
+        run.log_update(loss)
+
+
 def test_optimizer_steps_do_not_synchronise_with_the_host(tmp_path):
     with _run(tmp_path, accum_steps=2) as run:
         model = nn.Linear(4, 2)
-        run.begin(model, torch.optim.AdamW(model.parameters()), meta=dict(model="x", class_names=["a", "b"]))
-        for step in range(6):
-            run._completes_update = step % 2 == 1
+        step = run.begin(model, torch.optim.AdamW(model.parameters()), meta=dict(model="x", class_names=["a", "b"]))
+        for position in range(1, 7):
+            step.start_batch(position, total=6)
             loss = model(torch.randn(3, 4)).square().mean().as_subclass(_NoHostSync)
-            run.backward(loss, count=3)
+            _train_batch(run, step, loss, count=3)
         assert run.progress.iteration == 3
         # the host learns of a bad loss at log intervals and before saves, not at every step
-        run._first_bad = run._first_bad.as_subclass(torch.Tensor)
-        run._check_finite()
+        step._first_bad = step._first_bad.as_subclass(torch.Tensor)
+        step.check_finite()
 
 
 def test_a_non_finite_loss_is_found_at_the_check_and_named(tmp_path):
@@ -139,12 +152,13 @@ def test_a_non_finite_loss_is_found_at_the_check_and_named(tmp_path):
 
     with _run(tmp_path) as run:
         model = nn.Linear(4, 2)
-        run.begin(model, torch.optim.SGD(model.parameters(), lr=0.1), meta=dict(model="x", class_names=["a", "b"]))
-        for step, value in enumerate([1.0, float("nan"), 2.0]):
-            run.progress.step = step + 1
-            run.backward(model(torch.randn(1, 4)).sum() * value)
+        step = run.begin(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         meta=dict(model="x", class_names=["a", "b"]))
+        for position, value in enumerate([1.0, float("nan"), 2.0]):
+            run.progress.step = position + 1
+            _train_batch(run, step, model(torch.randn(1, 4)).sum() * value)
         with pytest.raises(NonFiniteLossError, match="not finite at epoch 1, step 2;"):
-            run._check_finite()
+            step.check_finite()
 
 
 def test_optimizer_is_fused_where_pytorch_has_the_kernel():

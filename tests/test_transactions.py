@@ -28,6 +28,7 @@ from rmt.models.weights import save_weights
 from rmt.segmentation.config import SegConfig
 from rmt.training.run import RoundSpec, TrainingRun
 from rmt.training.rundir import RunDirectory, read_metrics_csv
+from rmt.training.step import OptimizerStep
 
 TINY = ["--max-train-samples", "32", "--max-val-samples", "16", "--img-size", "16", "--batch-size", "16",
         "--epochs", "1", "--warmup-epochs", "0"]
@@ -70,21 +71,21 @@ def test_a_batch_that_cannot_train_is_refused_before_the_old_run_is_touched(run_
 
 
 def _nan_loss(original):
-    def backward(self, loss, count=1):
-        return original(self, loss * float("nan"), count)
+    def backward(self, loss):
+        return original(self, loss * float("nan"))
     return backward
 
 
 def _a_bug(original):
-    def backward(self, loss, count=1):
+    def backward(self, loss):
         raise ZeroDivisionError("a bug in the new run")
     return backward
 
 
 def _sigterm(original):
-    def backward(self, loss, count=1):
+    def backward(self, loss):
         os.kill(os.getpid(), signal.SIGTERM)  # as if the user stopped the new run during its first step
-        return original(self, loss, count)
+        return original(self, loss)
     return backward
 
 
@@ -92,7 +93,7 @@ def _sigterm(original):
 def test_overwrite_puts_the_old_run_back_when_the_new_one_fails_before_its_first_checkpoint(
         run_copy, capsys, monkeypatch, failure, status):
     before = snapshot(run_copy)
-    monkeypatch.setattr(TrainingRun, "backward", failure(TrainingRun.backward))
+    monkeypatch.setattr(OptimizerStep, "backward", failure(OptimizerStep.backward))
     code = main(["train", *TINY, "--output", str(run_copy), "--overwrite", "--seed", "3"])
     err = capsys.readouterr().err
     assert code == status, err

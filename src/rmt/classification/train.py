@@ -3,9 +3,10 @@ or many (torchrun + DDP), with token labelling as an option.
 
 ``train(cfg)`` is the whole job, a plain loop: data, model, optimizer, schedule, then per epoch the
 training batches and an evaluation (of the EMA weights too, when kept). The run directory,
-checkpoints, resume, the optimizer step (accumulation, clipping, fp16 scaling, EMA), signals and the
-non-finite-loss policy are :class:`rmt.training.run.TrainingRun`'s (see its module doc for the
-files a run writes). ``metrics.csv`` columns: :data:`METRIC_COLUMNS`. At the end, ``OUTPUT/hub/``
+checkpoints, resume and signals are :class:`rmt.training.run.TrainingRun`'s (see its module doc for
+the files a run writes); the optimizer step's pieces (accumulation, fp16 scaling, clipping, EMA,
+schedule, the non-finite-loss policy) are :class:`rmt.training.step.OptimizerStep`'s, called in the
+loop. ``metrics.csv`` columns: :data:`METRIC_COLUMNS`. At the end, ``OUTPUT/hub/``
 holds the best weights in timm's Hugging Face layout (rmt.models.hub): ready to upload, and
 loadable with ``timm.create_model("local-dir:OUTPUT/hub", pretrained=True)``.
 """
@@ -86,7 +87,8 @@ def train(cfg: ClassificationConfig) -> RunResult:
         meta = dict(model=cfg.model, class_names=list(data.classes), num_classes=len(data.classes),
                     token_label=token_label, data_config=data.data_config)
         # the reference scales the EMA decay to the global batch (0.99996 is its value at 512)
-        run.begin(model, optimizer, scheduler, meta=meta, ema_decay=cfg.model_ema_decay ** (global_batch / 512.0))
+        step = run.begin(model, optimizer, scheduler, meta=meta,
+                         ema_decay=cfg.model_ema_decay ** (global_batch / 512.0))
 
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         run.log_start(f"{cfg.model}: {params / 1e6:.2f}M params, {len(data.classes)} classes",
@@ -112,11 +114,19 @@ def train(cfg: ClassificationConfig) -> RunResult:
                     images, targets = mixup(images, targets)
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with run.accumulate(ddp):
+                with step.accumulate(ddp):
                     with run.autocast():
                         outputs = ddp(images)
                         loss = criterion(outputs, dense) if token_label else criterion(outputs, targets)
-                    run.backward(loss, count=len(images))
+                    if not step.backward(loss):  # a non-finite loss, skipped (--max-bad-steps)
+                        continue
+                run.record_loss(loss, count=len(images))
+                if step.due:  # the last batch of an accumulation (--accum-steps)
+                    step.clip_gradients()
+                    step.optimizer_step()
+                    step.update_ema()
+                    step.schedule()
+                    run.log_update(loss)
             report_bad_files(bad, f"epoch {epoch + 1}")
 
             val = evaluate(model, val_loader, run.device, run.info, run.amp_dtype, channels_last=cfg.channels_last)

@@ -5,8 +5,9 @@ is None), the model :func:`rmt.detection.models.build_detector` (it returns its 
 mode), AdamW with a linear warm-up, then the learning rate multiplied by ``lr_gamma`` after each
 epoch in ``lr_steps`` (1x: 12 epochs, steps at 8 and 11; 3x: 36 epochs, steps at 27 and 33). Every
 ``eval_interval`` epochs: COCO box (and mask) AP on the validation split and a round of the run
-(``metrics.csv`` row, ``last.pth``, ``best.pth`` by box AP). The run directory, resume, the optimizer
-step and signals are :class:`rmt.training.run.TrainingRun`'s.
+(``metrics.csv`` row, ``last.pth``, ``best.pth`` by box AP). The run directory, resume and signals
+are :class:`rmt.training.run.TrainingRun`'s; the optimizer step's pieces are
+:class:`rmt.training.step.OptimizerStep`'s, called in the loop.
 """
 from __future__ import annotations
 
@@ -94,8 +95,8 @@ def train(cfg: DetConfig) -> RunResult:
         scheduler = warmup_schedule(
             optimizer, lambda update: cfg.lr_gamma ** sum(update >= s * updates_per_epoch for s in cfg.lr_steps),
             cfg.warmup_iters, cfg.warmup_ratio)
-        run.begin(model, optimizer, scheduler, meta=dict(model=cfg.backbone, class_names=data.class_names,
-                                                         num_classes=len(data.class_names)))
+        step = run.begin(model, optimizer, scheduler, meta=dict(model=cfg.backbone, class_names=data.class_names,
+                                                                num_classes=len(data.class_names)))
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         run.log_start(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, "
                       f"{len(data.class_names)} classes", f"{len(data.train)} train / {len(data.val)} val images "
@@ -107,10 +108,19 @@ def train(cfg: DetConfig) -> RunResult:
             for images, targets in run.batches(loader):
                 images = [im.to(run.device, non_blocking=True) for im in images]
                 targets = [{k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets]
-                with run.accumulate(ddp):
+                with step.accumulate(ddp):
                     with run.autocast():
                         losses = ddp(images, targets)
-                    run.backward(sum(losses.values()), count=len(images))
+                    loss = sum(losses.values())
+                    if not step.backward(loss):  # a non-finite loss, skipped (--max-bad-steps)
+                        continue
+                run.record_loss(loss, count=len(images))
+                if step.due:  # the last batch of an accumulation (--accum-steps)
+                    step.clip_gradients()
+                    step.optimizer_step()
+                    step.update_ema()
+                    step.schedule()
+                    run.log_update(loss)
             if (epoch + 1) % cfg.eval_interval and epoch + 1 < cfg.epochs:
                 continue
             metrics = evaluate(model, data.val, run.device, run.info, run.amp_dtype, batch_size=cfg.eval_batch_size,

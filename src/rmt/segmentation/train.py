@@ -5,8 +5,8 @@ The data are an ADE20K-layout folder (:class:`rmt.data.ade20k.ADE20KDataset`; th
 losses in train mode), AdamW with a linear warm-up, then poly decay (UperNet: power 1.0 over 160k
 iterations; Semantic FPN: power 0.9 over 80k). Every ``eval_interval`` iterations: mIoU / mAcc /
 aAcc on the validation split and a round of the run (``metrics.csv`` row, ``last.pth``, ``best.pth``
-by mIoU). The run directory, resume, the optimizer step and signals are
-:class:`rmt.training.run.TrainingRun`'s.
+by mIoU). The run directory, resume and signals are :class:`rmt.training.run.TrainingRun`'s; the
+optimizer step's pieces are :class:`rmt.training.step.OptimizerStep`'s, called in the loop.
 """
 from __future__ import annotations
 
@@ -104,8 +104,8 @@ def train(cfg: SegConfig) -> RunResult:
             cfg.warmup_iters, cfg.warmup_ratio)
         workers = 0 if cfg.data is None else cfg.workers
         loader = run.train_loader(data.train, collate_segmentation, workers)
-        run.begin(model, optimizer, scheduler, meta=dict(model=cfg.backbone, class_names=data.class_names,
-                                                         num_classes=len(data.class_names)))
+        step = run.begin(model, optimizer, scheduler, meta=dict(model=cfg.backbone, class_names=data.class_names,
+                                                                num_classes=len(data.class_names)))
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         run.log_start(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, "
                       f"{len(data.class_names)} classes", f"{len(data.train)} train / {len(data.val)} val images "
@@ -119,11 +119,21 @@ def train(cfg: SegConfig) -> RunResult:
             ddp.train()
             for images, labels in run.batches(loader):
                 images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
-                with run.accumulate(ddp):
+                with step.accumulate(ddp):
                     with run.autocast():
                         losses = ddp(images, labels)
-                    stepped = run.backward(sum(losses.values()), count=len(images))
-                if stepped and (run.iteration % cfg.eval_interval == 0 or run.iteration == cfg.max_iters):
+                    loss = sum(losses.values())
+                    if not step.backward(loss):  # a non-finite loss, skipped (--max-bad-steps)
+                        continue
+                run.record_loss(loss, count=len(images))
+                if not step.due:  # only the last batch of an accumulation updates (--accum-steps)
+                    continue
+                step.clip_gradients()
+                step.optimizer_step()
+                step.update_ema()
+                step.schedule()
+                run.log_update(loss)
+                if run.iteration % cfg.eval_interval == 0 or run.iteration == cfg.max_iters:
                     metrics = evaluate(model, data.val, len(data.class_names), run.device, run.info, run.amp_dtype,
                                        mode=cfg.test_mode, crop_size=cfg.crop_size, stride=cfg.slide_stride,
                                        workers=workers, class_names=data.class_names)

@@ -353,7 +353,7 @@ def quantize_openvino(float_path: str | os.PathLike, int8_path: str | os.PathLik
     """Statically quantize a float32 OpenVINO classifier with NNCF's post-training quantization
     (``nncf.quantize``, transformer preset: the softmax and layer-norm inputs stay float; per-tensor
     activation ranges from ``calibration``, batches ``(B, C, H, W)`` of preprocessed images)."""
-    ov = _openvino()
+    _openvino()  # a clear error first when OpenVINO is missing
     try:
         import nncf
     except ImportError as e:

@@ -7,14 +7,22 @@ A task's ``train(cfg)`` looks like this (classification, detection and segmentat
         model = ...                                      # may fail: nothing is written yet
         model, ddp = run.prepare_model(model)            # device, SyncBN, DDP
         optimizer, scheduler = ...
-        run.begin(model, optimizer, scheduler, meta=...)  # resume or start; config.yaml
+        step = run.begin(model, optimizer, scheduler, meta=...)  # resume or start; config.yaml
         loader = run.train_loader(data.train, ...)
         for epoch in run.epochs(cfg.epochs):
             for batch in run.batches(loader):
-                with run.accumulate(ddp):
+                with step.accumulate(ddp):
                     with run.autocast():
                         loss = ...
-                    run.backward(loss, count=...)
+                    if not step.backward(loss):          # a non-finite loss, skipped
+                        continue
+                run.record_loss(loss, count=...)
+                if step.due:                             # the optimizer step, in the loop
+                    step.clip_gradients()
+                    step.optimizer_step()
+                    step.update_ema()
+                    step.schedule()
+                    run.log_update(loss)
             run.end_round(evaluate(...), describe)     # metrics row, best/last checkpoints, curves
         return run.finish()
 
@@ -32,8 +40,9 @@ What it does for the loop:
   precision), or the resume is refused with one line naming them; the settings that may change are
   logged and recorded in ``resumes.log``. The learning-rate schedule follows the config (a longer
   run stretches it, as timm's train.py does) from the restored update count;
-* **the optimizer step**: gradient accumulation (DDP ``no_sync`` on the batches that do not step),
-  the fp16 gradient scaler, gradient clipping, the EMA update, the schedule's per-update step;
+* **the optimizer step's pieces** (rmt.training.step.OptimizerStep, built by ``begin`` with the EMA
+  and the fp16 gradient scaler): the loop calls them in order; the run says which batch completes
+  an update;
 * **signals**: SIGTERM/SIGINT stop the run at the next optimizer-step boundary; ``last.pth`` is
   written and :class:`rmt.errors.RunInterrupted` raised (exit status 128 + signal). A signal that
   arrives after the last round (while the task writes its final files) lets those writes finish,
@@ -47,13 +56,8 @@ What it does for the loop:
 
 Policies (the same for every task):
 
-* **non-finite loss**: with ``max_bad_steps`` 0 (the default) the run stops with
-  :class:`rmt.errors.NonFiniteLossError` (exit status 3) naming the step; nothing computed after the
-  bad step is saved, the last good checkpoint stays. The loss is checked on the host only at log
-  intervals and before every save (no per-step device sync): the first bad step is tracked on the
-  device. With ``max_bad_steps`` N > 0 every loss is checked (a sync per step), up to N bad steps
-  are skipped (their gradients dropped and their BatchNorm statistics restored), and the N+1-th
-  stops the run. Weights that are not finite at an evaluation stop the run the same way.
+* **non-finite loss**: rmt.training.step's policy; the run checks it at log intervals and before
+  every save. Weights that are not finite at an evaluation stop the run the same way.
 * **BatchNorm with one value per channel** (a per-process batch of 1 on a small feature map) is
   refused as bad input (exit status 2) naming the input, instead of PyTorch's ValueError.
 """
@@ -67,7 +71,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from timm.utils import ModelEmaV3
@@ -87,12 +91,12 @@ from .config import RunConfig, config_to_yaml, describe_changes, save_config
 from .distributed import barrier, broadcast_object, cleanup, init_distributed
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunDirectory, plot_curves
+from .step import OptimizerStep
 from .tracking import RunTrackers, resolve_trackers
 
 __all__ = ["TrainingRun", "RoundSpec", "RunResult", "default_output"]
 
 _logger = logging.getLogger("rmt.train")
-_NO_BAD_STEP = torch.iinfo(torch.int64).max
 
 
 def _classes(names: Optional[Sequence[str]]) -> str:
@@ -167,14 +171,13 @@ class TrainingRun:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Any = None
         self.scaler: Optional[torch.amp.GradScaler] = None
+        self.step: Optional[OptimizerStep] = None  # built by begin()
         self.meta: Dict[str, Any] = {}
         self._stop_signal: Optional[int] = None
         self._previous_handlers: Dict[int, Any] = {}
         self._started = False
         self._changed: List[Tuple[str, Any, Any]] = []  # settings a resume changed (module doc)
         self._new_round()
-        self._completes_update = True
-        self._saved_norms: Optional[List[torch.Tensor]] = None
 
     # ------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "TrainingRun":
@@ -273,9 +276,10 @@ class TrainingRun:
         return loader
 
     def begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
-              meta: Dict[str, Any], ema_decay: Optional[float] = None) -> None:
+              meta: Dict[str, Any], ema_decay: Optional[float] = None) -> OptimizerStep:
         """Start the run: EMA and fp16 scaler as configured, the checkpoint of ``--resume`` checked and
-        loaded, the old run's files removed for ``--overwrite``, ``config.yaml`` written.
+        loaded, the old run's files removed for ``--overwrite``, ``config.yaml`` written. Returns the
+        optimizer step's pieces, for the loop to call (rmt.training.step).
 
         ``meta``: what the weights are (rmt.models.weights.METADATA_KEYS), saved with every
         checkpoint and ``model.safetensors``; ``task`` and ``config`` are added here."""
@@ -285,8 +289,6 @@ class TrainingRun:
         if cfg.model_ema:
             self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay if ema_decay is None else ema_decay)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        self._norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                              for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         resume = self._resume_path()
         checkpoint = read_run_checkpoint(resume, task=self.task) if resume is not None else None
         if checkpoint is not None:
@@ -301,6 +303,10 @@ class TrainingRun:
             self._load(checkpoint, resume)
             if self._changed and self.info.is_main:
                 self._record_changes(resume)
+        # after the resume: it counts into the restored progress
+        self.step = OptimizerStep(model, optimizer, scheduler, self.scaler, self.ema, self.progress,
+                                  accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
+                                  max_bad_steps=cfg.max_bad_steps, device=self.device, log=self.log)
         if self.info.is_main:  # the derived files follow the checkpoint (a kill may have cut them short)
             self._write_derived()
             about = dict(task=self.task, device=self.device, precision=self.precision,
@@ -310,6 +316,7 @@ class TrainingRun:
             self.trackers = RunTrackers.open(self._tracker_names, self.output, step=self.progress.iteration,
                                              resumed=checkpoint is not None, config=cfg.to_dict(), about=about,
                                              config_text=config_to_yaml(cfg))
+        return self.step
 
     def _resume_path(self) -> Optional[Path]:
         resume = self.cfg.resume
@@ -377,36 +384,29 @@ class TrainingRun:
             yield self.progress.epoch
 
     def batches(self, loader: DataLoader) -> Iterator[Any]:
-        """The rest of the current epoch's batches. After each batch it stops the run for a pending
-        signal and writes the interval checkpoint, both at optimizer-step boundaries."""
-        accum, progress = self.cfg.accum_steps, self.progress
+        """The rest of the current epoch's batches; before each, the optimizer step learns whether the
+        batch completes an update. After each batch that does, it stops the run for a pending signal
+        and writes the interval checkpoint (optimizer-step boundaries)."""
+        progress = self.progress
         loader.sampler.set_epoch(progress.epoch)
         loader.sampler.set_start(progress.step * loader.batch_size)
         total = len(loader) + progress.step
         bar = progress_bar(loader, self.info.is_main, desc=f"epoch {progress.epoch + 1}", initial=progress.step,
                            total=total)
         for batch in bar:
-            self._completes_update = (progress.step + 1) % accum == 0 or progress.step + 1 == total
-            self._updated_now = False
             progress.step += 1  # counted before the body: a checkpoint taken inside it resumes after this batch
+            self.step.start_batch(progress.step, total)
+            updates, rounds = progress.iteration, len(self.history)
             yield batch
-            if self._completes_update:
+            if self.step.due:
                 self._stop_if_signalled()
+                # the body updated the weights (a skipped bad step does not) and no round has saved them since
+                unsaved = progress.iteration != updates and len(self.history) == rounds
                 interval = self.cfg.checkpoint_interval
-                if interval and self._updated_now and progress.iteration % interval == 0 and progress.step < total:
+                if interval and unsaved and progress.iteration % interval == 0 and progress.step < total:
                     self.save_last()
         bar.close()
         progress.epoch, progress.step = progress.epoch + 1, 0
-
-    def accumulate(self, ddp: nn.Module) -> ContextManager:
-        """Around a batch's forward and backward: DDP does not synchronise gradients for batches that do
-        not complete an optimizer step. With ``max_bad_steps`` it also snapshots the BatchNorm
-        statistics, which a skipped batch must not change."""
-        if self.cfg.max_bad_steps > 0:
-            self._saved_norms = [b.clone() for b in self._norm_buffers]
-        if self.info.distributed and not self._completes_update:
-            return ddp.no_sync()
-        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -423,81 +423,21 @@ class TrainingRun:
                            f"{self.cfg.batch_size} image(s) per process per step is too few at this input size; "
                            f"use --batch-size 2 or more (or larger inputs)") from None
 
-    def backward(self, loss: torch.Tensor, count: int = 1) -> bool:
-        """Backward of one batch's ``loss`` (over ``count`` images), and the optimizer step when the batch
-        completes one (accumulation, scaler, clipping, EMA, schedule). Returns whether the weights
-        were updated. Applies the non-finite-loss policy (module doc)."""
-        loss_detached = loss.detach().float()
-        if self.cfg.max_bad_steps > 0:
-            if not math.isfinite(float(loss_detached)):
-                self._skip_bad_step()
-                return False
-        else:
-            self._track_first_bad(loss_detached)
-        self._loss_sum += loss_detached.double() * count
+    def record_loss(self, loss: torch.Tensor, count: int = 1) -> None:
+        """Add a trained batch's ``loss`` (over ``count`` images) to the round's mean train loss and
+        images per second (on the device: no host sync)."""
+        self._loss_sum += loss.detach().float().double() * count
         self._loss_count += count
         self._round_images += count
-        scaled = loss / self.cfg.accum_steps
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        if not self._completes_update:
-            return False
-        self._optimizer_step()
-        if self.progress.iteration % self.cfg.log_interval == 0:
-            self._log_step(loss_detached)
-        self._updated_now = True
-        return True
 
-    def _track_first_bad(self, loss: torch.Tensor) -> None:
-        position = self.progress.epoch * 2**32 + self.progress.step  # decoded in _check_finite
-        first_here = ~torch.isfinite(loss) & (self._first_bad == _NO_BAD_STEP)
-        self._first_bad = torch.where(first_here, position, self._first_bad)
-
-    def _check_finite(self) -> None:
-        """Raise for a non-finite loss seen since the last check (a host sync)."""
-        first = int(self._first_bad)
-        if first != _NO_BAD_STEP:
-            epoch, step = divmod(first, 2**32)
-            raise NonFiniteLossError(
-                f"the loss is not finite at epoch {epoch + 1}, step {step}; stopped, the last good checkpoint is "
-                f"kept. Lower --lr, set --clip-grad, or allow a few bad steps with --max-bad-steps N")
-
-    def _skip_bad_step(self) -> None:
-        progress = self.progress
-        progress.bad_steps += 1
-        where = f"epoch {progress.epoch + 1}, step {progress.step}"
-        if progress.bad_steps > self.cfg.max_bad_steps:
-            raise NonFiniteLossError(f"the loss is not finite at {where} ({progress.bad_steps} bad steps, more "
-                                     f"than --max-bad-steps {self.cfg.max_bad_steps}); stopped, the last good "
-                                     f"checkpoint is kept. Lower --lr or set --clip-grad")
-        self.optimizer.zero_grad(set_to_none=True)
-        for buffer, saved in zip(self._norm_buffers, self._saved_norms or []):
-            buffer.copy_(saved)
-        self.log(f"warning: non-finite loss at {where}, step skipped ({progress.bad_steps}/{self.cfg.max_bad_steps})")
-
-    def _optimizer_step(self) -> None:
-        clip = self.cfg.clip_grad
-        if self.scaler is not None:
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            if clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.progress.iteration)
-        self.progress.iteration += 1
-        if self.scheduler is not None:
-            if hasattr(self.scheduler, "step_update"):  # timm's schedulers count updates themselves
-                self.scheduler.step_update(num_updates=self.progress.iteration)
-            else:
-                self.scheduler.step()
-
-    def _log_step(self, loss: torch.Tensor) -> None:
-        self._check_finite()
+    def log_update(self, loss: torch.Tensor) -> None:
+        """After an update, every ``log_interval`` updates: the non-finite-loss check (a host sync), then
+        ``loss`` (the update's last batch), the learning rate and the images per second, to the trackers
+        and (without a terminal) the log."""
+        if self.progress.iteration % self.cfg.log_interval:
+            return
+        self.step.check_finite()
+        loss = loss.detach()
         if self.trackers.active:  # the throughput since the previous logged step
             (since, images), now = self._logged_at, time.perf_counter()
             self._logged_at = (now, self._round_images)
@@ -538,14 +478,12 @@ class TrainingRun:
         self._round_images = 0
         self._round_start = time.perf_counter()
         self._logged_at = (self._round_start, 0)  # (time, images of the round) at the last step logged
-        self._first_bad = torch.tensor(_NO_BAD_STEP, device=self.device)
-        self._updated_now = False
 
     def end_round(self, metrics: Dict[str, Any], describe: Callable[[Dict[str, Any]], str]) -> Dict[str, Any]:
         """Close an evaluation round: a row of ``metrics.csv`` (epoch, iteration, train loss, lr, ``metrics``,
         seconds, images per second), ``best.pth``/``model.safetensors`` if the run's metric improved,
         ``last.pth``, retention, curves; logs ``describe(row)``. Returns the row."""
-        self._check_finite()
+        self.step.check_finite()
         self._check_weights()
         count = torch.tensor(float(self._loss_count), dtype=torch.float64, device=self.device)
         totals = all_reduce_sum(torch.stack([self._loss_sum, count]), self.info)
@@ -577,7 +515,7 @@ class TrainingRun:
     # ------------------------------------------------------------------------------ saving
     def checkpoint(self) -> RunCheckpoint:
         """The run's state now (every process takes part: each adds its random state and loss sums)."""
-        self._check_finite()
+        self.step.check_finite()
         mine = dict(rng=rng_state(), loss_sum=float(self._loss_sum), loss_count=self._loss_count)
         ranks = all_gather_objects(mine, self.info)
         return RunCheckpoint(
