@@ -28,7 +28,7 @@ Speed notes (why the code looks the way it does):
 * the decay biases and rotation tables depend only on the resolution, so they are built once
   per size and kept;
 * on the CPU, passes over rows of at most 32 tokens run in a compiled kernel made for short rows
-  (:mod:`rmt.models.fast.kernel`), 3x faster than the flash kernel at 14 tokens (1.6x with backward).
+  (:mod:`rmt.models.fast.kernel`), faster than the flash kernel there (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -466,8 +466,8 @@ class MaSA(nn.Module):
         """:meth:`forward` as ONNX operators (opset 23, traced under :func:`rmt.models.fast.onnx_operators`):
         the rotation is ``RotaryEmbedding`` (interleaved pairs, position = token index) and each pass one
         ``Attention`` with the decay bias as its additive mask. Rows are ``(b*h, w, C)`` views of the
-        tokens; columns take one transpose each way. ONNX Runtime runs this 1.3x faster than the same
-        arithmetic in plain ops (the pair swap alone was 58 strided slices)."""
+        tokens; columns take one transpose each way. ONNX Runtime runs this faster than the same
+        arithmetic in plain ops, whose pair swap alone is dozens of strided slices (BENCHMARKS.md)."""
         b, h, w, c = x.shape
         n, d = self.num_heads, self.key_dim
         q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).split(c, dim=-1)

@@ -3,24 +3,21 @@
 ``short_attention``: softmax attention over many short sequences (length <= 64), the shape of
 MaSA's decomposed passes at ImageNet resolutions (rows and columns of 56, 28 and 14 tokens). The CPU
 flash kernel pays a fixed cost per sequence and fills a fraction of each vector register for such
-rows, and its bfloat16 backward pass is 6-9x slower than its float32 one. On CPUs with AVX-512 the
+rows, and its bfloat16 backward pass is several times slower than its float32 one. On CPUs with AVX-512 the
 kernel puts 16 sequences that share a bias table into the 16 lanes of each vector (their rows
 transposed as they are loaded), so that every score, exponential and product is a full-width
 operation; bfloat16 ``q k^T`` runs on AVX512-BF16 dot products (``vdpbf16ps``), all sums are
 float32, and MaSA's rotation of q and k is applied as they are loaded. Elsewhere a portable
 per-sequence kernel (compiler-vectorised, bfloat16 widened as it is loaded) takes rows of up to 32
-tokens in float32 and 64 in bfloat16, without the fused rotation. One thread, batch 4, CPU time, on
-the AVX-512 machine of BENCHMARKS.md, against ``scaled_dot_product_attention`` in the same dtype:
-forward 3.5-5x faster at 14 tokens, 1.6-3x at 28, 2-3x at 56; forward and backward 1.5-1.8x
-(float32) and 10-20x (bfloat16; 2-3x against the flash kernel run in float32) at 14 to 56 tokens.
-With autograd; the backward pass recomputes the probabilities instead of storing them.
+tokens in float32 and 64 in bfloat16, without the fused rotation. Its speed against
+``scaled_dot_product_attention``: BENCHMARKS.md ("What makes it fast"). With autograd; the backward pass recomputes the probabilities instead of storing them.
 
 ``rotate``: MaSA's rotation of bfloat16 q or k in one pass (float32 has its complex multiply), for
 passes the attention kernel does not take. ``depthwise_forward``/``depthwise_backward``: the
 depthwise convolutions of training (LePE's 5x5, the blocks' 3x3, the FFN's GELU + 3x3), GELU applied
-as the input is read; the backward sweep gives the input, weight and bias gradients at once (oneDNN
-computes the weight gradient 5-25x slower than the convolution itself). ``layer_norm``: the blocks'
-layer norm in inference (ATen's runs at a third of the memory speed in bfloat16).
+as the input is read; the backward sweep gives the input, weight and bias gradients at once (oneDNN's
+weight gradient is far slower than the convolution itself). ``layer_norm``: the blocks' layer norm in
+inference (ATen's runs well below the memory speed in bfloat16).
 
 They are compiled with ``torch.utils.cpp_extension`` the first time they are needed. That takes
 about a minute, and the result is cached in ``~/.cache/torch_extensions`` (or
@@ -52,7 +49,7 @@ __all__ = ["short_attention", "short_attention_applies", "fused_rotation_applies
 _logger = logging.getLogger(__name__)
 MAX_SHORT_LENGTH = 64  # compiled lengths
 _DTYPES = (torch.float32, torch.bfloat16)
-# The portable per-sequence kernel in float32: the flash kernel is as fast from 33 tokens on (measured)
+# The portable per-sequence kernel in float32: the flash kernel is as fast from 33 tokens on
 _PORTABLE_FLOAT32_LENGTH = 32
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")

@@ -15,16 +15,15 @@ tests bound. Both return the compute dtype (under autocast: autocast's, layer sc
 **Depthwise convolutions** (:func:`depthwise_conv`, and :func:`gelu_dwconv` for the FFN's middle,
 ``conv(gelu(h))`` on the widest tensor of the block). In CPU training their backward pass is one
 sweep of a compiled kernel (:mod:`rmt.models.fast.kernel`) that gives the input, weight and bias
-gradients together (oneDNN's weight gradient alone is 5-25x slower than its forward pass on these
+gradients together (oneDNN's weight gradient alone is far slower than its forward pass on these
 shapes), and the forward pass of ``conv(gelu(h))`` is compiled too: GELU is applied as ``h`` is read,
 so neither ``gelu(h)`` nor its gradient is ever written to memory. Autograd would keep both ``h``
 (for GELU's backward) and ``gelu(h)`` (for the conv's weight gradient); :func:`gelu_dwconv` keeps only
-``h``, a third less FFN activation memory in training. Together, 5% off an rmt_s training step in
-float32 and in bfloat16 (batch 16, interleaved against the previous kernels).
+``h``, a third less FFN activation memory in training (the time saved: BENCHMARKS.md).
 
 **Attention** (:func:`attention`): ``scaled_dot_product_attention``, except for CPU training passes
 in bfloat16 or float16, which run in float32: the CPU flash kernel's reduced-precision backward is
-6-9x slower than its float32 backward on the shapes of MaSA (measured, torch 2.14).
+several times slower than its float32 backward on the shapes of MaSA (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -121,8 +120,8 @@ def linear_chunks(x: torch.Tensor, layer: nn.Linear, chunks: int) -> list[torch.
     it (inference: one product per chunk of the weight's rows).
 
     For MaSA's ``qkv``: contiguous q and k can be read in place by the column pass, whose
-    ``(B, w*heads, h, d)`` view of a chunk of the ``(.., 3C)`` output needs a copy (7% of rmt_s
-    float32 inference, batch 32). Training keeps the single product (three gave nothing there).
+    ``(B, w*heads, h, d)`` view of a chunk of the ``(.., 3C)`` output would otherwise need a copy.
+    Training keeps the single product (three gave nothing there).
     """
     weight, bias = layer.weight, layer.bias
     dtype = compute_dtype(x)
@@ -144,8 +143,8 @@ def _depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        gelu: bool = False) -> torch.Tensor:
     """``conv2d(act(x), weight, bias, padding, groups=C)`` (depthwise, stride 1; ``act`` GELU with
     ``gelu``) in ``x``'s dtype. Of GELU, the compiled kernel where it applies: it applies GELU as it
-    reads ``x`` and never stores the activation (1.5-3x faster in bfloat16 on the FFN's shapes). Else
-    :func:`_conv` (for a plain convolution oneDNN's forward pass is 1.1-1.4x faster than the kernel's)."""
+    reads ``x`` and never stores the activation. Else :func:`_conv` (for a plain convolution oneDNN's
+    forward pass is faster than the kernel's)."""
     if gelu and kernel.depthwise_applies(x, weight, padding):
         return kernel.depthwise_forward(x, weight, bias, gelu)
     return _conv(x, weight, bias, padding, gelu)
@@ -158,7 +157,7 @@ def _depthwise_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tenso
     float32).
 
     The compiled kernel computes all three in one sweep over ``x`` and ``grad`` (oneDNN's weight
-    gradient alone is 5-25x slower than its forward pass on these shapes); else they come from
+    gradient alone is far slower than its forward pass on these shapes); else they come from
     ``convolution_backward`` and ``gelu_backward``."""
     groups = weight.shape[0]
     if kernel.depthwise_applies(x, weight, padding):
@@ -261,7 +260,7 @@ def strided_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """``norm(x)``: in CPU inference the compiled kernel (ATen's runs at a third of the memory speed in
+    """``norm(x)``: in CPU inference the compiled kernel (ATen's runs well below the memory speed in
     bfloat16; see :func:`rmt.models.fast.kernel.layer_norm_applies`), else the module."""
     if kernel.layer_norm_applies(x, norm):
         return kernel.layer_norm(x, norm)
@@ -273,7 +272,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
     A CPU pass that autograd will differentiate, in bfloat16 or float16 (the tensors' or autocast's),
     runs in float32 and returns the reduced dtype: the CPU flash kernel's reduced-precision backward
-    is 6-9x slower than its float32 one. Everything else is the plain call.
+    is several times slower than its float32 one. Everything else is the plain call.
     """
     dtype = compute_dtype(q)
     if (q.device.type == "cpu" and dtype in _REDUCED and torch.is_grad_enabled()
