@@ -5,8 +5,9 @@ default glibc serves blocks larger than a dynamic threshold (128 KB, rising to a
 fresh ``mmap`` and unmaps them again on ``free``, and it returns the top of the heap to the system
 as soon as 128 KB are free. A training step creates and frees hundreds of activation-sized
 tensors, so each of them arrives as fresh pages that the kernel must fault in and zero: a tenth of
-a training step or more (BENCHMARKS.md, "The allocator decides a lot on this CPU"). :func:`keep_freed_memory` raises the mmap and trim thresholds so that
-freed blocks stay in the heap and are reused: the faults drop to zero after the first step. The
+a training step or more (BENCHMARKS.md, "The allocator decides a lot on this CPU").
+:func:`keep_freed_memory` raises the mmap and trim thresholds so that freed blocks stay in the heap
+and are reused: the faults drop to zero after the first step. The
 cost: the process keeps its peak memory mapped (as CUDA's caching allocator does on the GPU).
 
 The ``rmt`` command applies it at start-up; set ``RMT_KEEP_FREED_MEMORY=0`` to run without it.

@@ -10,7 +10,8 @@ operation; bfloat16 ``q k^T`` runs on AVX512-BF16 dot products (``vdpbf16ps``), 
 float32, and MaSA's rotation of q and k is applied as they are loaded. Elsewhere a portable
 per-sequence kernel (compiler-vectorised, bfloat16 widened as it is loaded) takes rows of up to 32
 tokens in float32 and 64 in bfloat16, without the fused rotation. Its speed against
-``scaled_dot_product_attention``: BENCHMARKS.md ("What makes it fast"). With autograd; the backward pass recomputes the probabilities instead of storing them.
+``scaled_dot_product_attention``: BENCHMARKS.md ("What makes it fast"). With autograd; the backward
+pass recomputes the probabilities instead of storing them.
 
 ``rotate``: MaSA's rotation of bfloat16 q or k in one pass (float32 has its complex multiply), for
 passes the attention kernel does not take. ``depthwise_forward``/``depthwise_backward``: the
