@@ -51,6 +51,14 @@ def golden_checkpoint(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def official_rmt_t(tmp_path_factory):
+    """A full-size RMT-T checkpoint in the official key layout with the golden seeded weights, saved as the
+    official training script saves it."""
+    path = tmp_path_factory.mktemp("official") / "RMT-T.pth"
+    return save_official_checkpoint(path, official_state_dict(load_golden("official_keys_rmt_t")["keys"]))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Export and the runtimes' first calls are op-by-op work on small tensors: on a small shared CPU,

@@ -1,6 +1,7 @@
 """Reference data from the official implementation (tests/data/golden, see SOURCE.md there)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -51,14 +52,27 @@ def official_state_dict(keys) -> dict[str, torch.Tensor]:
     return out
 
 
+def official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Our state dict in the official key layout (what ``ReferenceRMT`` and the official code load): the fused
+    ``qkv`` split into ``q_proj``/``k_proj``/``v_proj`` and ``relpos`` spelt ``Relpos``. The inverse of
+    ``checkpoint_filter_fn``, written apart from it so that a test of one does not rely on the other."""
+    out = {}
+    for key, value in state_dict.items():
+        if ".qkv." in key:
+            prefix, kind = key.rsplit(".qkv.", 1)
+            for part, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.{part}_proj.{kind}"] = chunk
+        else:
+            out[key.replace(".relpos.", ".Relpos.")] = value
+    return out
+
+
 def case_input(case: dict) -> torch.Tensor:
     return torch.randn(case["input_shape"], generator=torch.Generator().manual_seed(case["input_seed"]))
 
 
 def save_official_checkpoint(path: Path, state_dict: dict, wrap: str = "model", prefix: str = "") -> Path:
     """Save weights the way the official training script does (with an argparse.Namespace in ``args``)."""
-    import argparse
-
     weights = {prefix + k: v for k, v in state_dict.items()}
     payload = {wrap: weights, "epoch": 299, "args": argparse.Namespace(model="RMT_T3", lr=1e-3, input_size=224)}
     torch.save(payload, path)

@@ -8,7 +8,7 @@ import timm
 import timm.models._hub as timm_hub
 import torch
 
-from golden import case_input, load_golden, official_state_dict, save_official_checkpoint
+from golden import case_input
 from rmt.cli import main
 from rmt.data import DigitsDataset
 from rmt.errors import RMTError
@@ -20,13 +20,6 @@ from rmt.tools.export import load_exported
 
 DIGITS_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
                  "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "grayscale": True}
-
-
-@pytest.fixture(scope="module")
-def official_rmt_t(tmp_path_factory):
-    """The official rmt_t key layout with the golden seeded weights, saved as the official code saves it."""
-    path = tmp_path_factory.mktemp("official") / "RMT-T.pth"
-    return save_official_checkpoint(path, official_state_dict(load_golden("official_keys_rmt_t")["keys"]))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from golden import TINY_ARGS, load_golden
+from golden import TINY_ARGS, load_golden, official_layout
 from rmt.models import MODEL_ARGS, RMT, checkpoint_filter_fn
 from rmt.models.reference import ReferenceRMT, reference_rmt
 
@@ -52,16 +52,7 @@ def _pair(args, seed=0, token_label=False):
         for p in fast.parameters():
             p.add_(torch.randn_like(p) * 0.02)  # move gammas/biases off their init values
     ref = ReferenceRMT(**{k: v for k, v in args.items() if k != "drop_path_rate"}, token_label=token_label)
-    state = fast.state_dict()
-    ref_state = {}
-    for k, v in state.items():
-        if k.endswith("retention.qkv.weight") or k.endswith("retention.qkv.bias"):
-            prefix, kind = k.rsplit(".qkv.", 1)
-            for part, chunk in zip("qkv", v.chunk(3, dim=0)):
-                ref_state[f"{prefix}.{part}_proj.{kind}"] = chunk
-        else:
-            ref_state[k.replace(".relpos.", ".Relpos.")] = v
-    ref.load_state_dict(ref_state)
+    ref.load_state_dict(official_layout(fast.state_dict()))
     return fast, ref
 
 
@@ -98,22 +89,10 @@ def test_full_size_rmt_t_matches_oracle():
     torch.manual_seed(0)
     fast = timm.create_model("rmt_t").eval()
     ref = reference_rmt("rmt_t").eval()
-    ref.load_state_dict({k.replace(".relpos.", ".Relpos."): v for k, v in _split_qkv(fast.state_dict()).items()})
+    ref.load_state_dict(official_layout(fast.state_dict()))
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (fast(x) - ref(x)).abs().max() <= 1e-4
-
-
-def _split_qkv(state):
-    out = {}
-    for k, v in state.items():
-        if ".qkv." in k:
-            prefix, kind = k.rsplit(".qkv.", 1)
-            for part, chunk in zip("qkv", v.chunk(3)):
-                out[f"{prefix}.{part}_proj.{kind}"] = chunk
-        else:
-            out[k] = v
-    return out
 
 
 def test_backward_reaches_every_parameter():

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from golden import TINY_ARGS
+from golden import TINY_ARGS, official_layout
 from rmt.data.image import BadImageError, load_rgb
 from rmt.models import RMT
 from rmt.models.reference import ReferenceRMT
@@ -21,15 +21,7 @@ def _pair():
     torch.manual_seed(0)
     fast = RMT(**ARGS).eval()
     ref = ReferenceRMT(**ARGS).eval()
-    state = {}
-    for k, v in fast.state_dict().items():
-        if ".qkv." in k:
-            prefix, kind = k.rsplit(".qkv.", 1)
-            for part, chunk in zip("qkv", v.chunk(3)):
-                state[f"{prefix}.{part}_proj.{kind}"] = chunk
-        else:
-            state[k.replace(".relpos.", ".Relpos.")] = v
-    ref.load_state_dict(state)
+    ref.load_state_dict(official_layout(fast.state_dict()))
     return fast, ref
 
 
