@@ -1,4 +1,4 @@
-"""Reference data from the official implementation (tests/data/golden, see SOURCE.md there)."""
+"""Reference data from the official implementation (tests/fixtures/golden, see SOURCE.md there)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 
 TINY_ARGS = dict(
     embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4), init_values=(2, 2, 2, 2),

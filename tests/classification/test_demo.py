@@ -1,5 +1,5 @@
 """`rmt demo`: the page's functions without a browser (the examples, reading uploads, the top-5 and
-the maps of a clicked point, the command's errors). tests/test_demo_browser.py drives the page itself."""
+the maps of a clicked point, the command's errors). tests/classification/test_demo_browser.py drives the page itself."""
 import io
 import socket
 from concurrent.futures import ThreadPoolExecutor

@@ -1,7 +1,7 @@
-"""Parity of the dense backbone with the official detection/segmentation code (tests/data/dense_golden).
+"""Parity of the dense backbone with the official detection/segmentation code (tests/fixtures/dense_golden).
 
 The golden data were produced by the official repository's own dense code (vendored mmdet 2.11 /
-mmseg 0.13) with seeded synthetic weights: see tests/data/dense_golden/README.md and make_goldens.py.
+mmseg 0.13) with seeded synthetic weights: see tests/fixtures/dense_golden/README.md and make_goldens.py.
 """
 import gzip
 import json
@@ -17,7 +17,7 @@ from rmt.errors import RMTError
 from rmt.models.backbone import RMTBackbone, official_backbone_state
 from rmt.segmentation.models import segmentor_from_checkpoint
 
-DENSE = Path(__file__).parent / "data" / "dense_golden"
+DENSE = Path(__file__).parents[1] / "fixtures" / "dense_golden"
 REL = 1e-4  # relative tolerance on sums / values (float32 round-off)
 
 

@@ -1,4 +1,4 @@
-"""Parity with the official implementation on its own outputs (tests/data/golden)."""
+"""Parity with the official implementation on its own outputs (tests/fixtures/golden)."""
 import pytest
 import timm
 import torch

@@ -197,7 +197,7 @@ def test_timm_fx_features_match_getter_features():
 def test_timm_suite_fails_loudly_without_the_index(tmp_path):
     """No index -> the CI step says so and fails; it never skips silently."""
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path), PIP_CONFIG_FILE=os.devnull)
-    script = Path(__file__).with_name("timm_suite.py")
+    script = Path(__file__).parents[1] / "timm_suite.py"
     result = subprocess.run([sys.executable, str(script), "--keep", str(tmp_path / "suite")], env=env,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
