@@ -168,6 +168,7 @@ def test_load_demo_and_command_errors(capsys):
     assert capsys.readouterr().err.startswith("rmt: error: ")
 
 
+@pytest.mark.e2e
 def test_a_busy_port_is_one_line(capsys):
     pytest.importorskip("gradio", reason="the demo extra is not installed")
     with socket.socket() as busy:

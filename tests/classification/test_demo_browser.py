@@ -4,7 +4,8 @@
 Run with ``python -m pytest -m browser``. Needs ``apt-get install chromium`` and ``pip install playwright``
 (Playwright's own browser download is not used). The same steps take the README's screenshot::
 
-    python tests/classification/test_demo_browser.py --checkpoint runs/digits/model.safetensors --output docs/images/demo.png
+    python tests/classification/test_demo_browser.py --checkpoint runs/digits/model.safetensors \\
+        --output docs/images/demo.png
 """
 from __future__ import annotations
 

@@ -103,6 +103,7 @@ def _rows(run: Path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.e2e
 def test_train_run_directory_and_resume(tmp_path):
     result = train(quick_config(tmp_path))
     run = result.output
@@ -133,6 +134,7 @@ def test_train_run_directory_and_resume(tmp_path):
     assert len(more.history) == 3
 
 
+@pytest.mark.e2e
 def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
     """A run stopped by SIGTERM mid-epoch and resumed ends with the same weights as one that was not."""
     straight = train(quick_config(tmp_path / "a", checkpoint_interval=0))

@@ -264,6 +264,7 @@ def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, capsys):
     assert "config key 'weight_decay'" in err
 
 
+@pytest.mark.e2e
 def test_a_full_size_alias_bomb_stays_within_memory(tmp_path):
     """The 1.5 KB bomb of the issue (10^40 values): refused within a 6 GB address space and 120 s."""
     path = tmp_path / "bomb.yaml"
@@ -291,6 +292,7 @@ def test_a_long_config_value_is_quoted_short(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ special files
+@pytest.mark.e2e
 def test_fifos_are_refused_not_waited_on(tmp_path, hub_folder, capsys):
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
@@ -304,6 +306,7 @@ def test_fifos_are_refused_not_waited_on(tmp_path, hub_folder, capsys):
 
 
 # ------------------------------------------------------------------------------ smaller cases
+@pytest.mark.e2e
 def test_det_predict_gives_inputs_with_one_name_their_own_pictures(tmp_path, dense_weights, capsys):
     for folder, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
         (tmp_path / folder).mkdir()

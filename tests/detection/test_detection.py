@@ -142,6 +142,7 @@ def _tiny_flags(shapes, output):
             "--warmup-iters", "1", "--workers", "0", "--device", "cpu", "--lr", "1e-4"]
 
 
+@pytest.mark.e2e
 def test_cli_train_resume_eval_predict(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["det", "train", "--config", "shapes", "--epochs", "1", "--lr-steps", "1",

@@ -135,6 +135,7 @@ def shapes(tmp_path_factory):
     return generate_shapes(tmp_path_factory.mktemp("seg_shapes"), num_train=4, num_val=2, image_size=64)
 
 
+@pytest.mark.e2e
 def test_cli_train_resume_eval_predict(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["--data", str(shapes), "--output", str(out), "--batch-size", "2", "--max-iters", "2",
@@ -173,6 +174,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["seg", "eval", "--checkpoint", str(tmp_path)]) == 2
 
 
+@pytest.mark.e2e
 def test_two_process_ddp_training(shapes, tmp_path):
     """torchrun with two CPU processes (gloo) through the dense training loop: rank 0 writes the run."""
     import os

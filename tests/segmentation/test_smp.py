@@ -1,6 +1,7 @@
 """RMT as a segmentation-models-pytorch encoder, through timm's universal encoder (`tu-rmt_*`):
 building, loading official and our weights into the encoder, and the few-step training example of
 docs/smp.md on the bundled shapes data."""
+import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
@@ -39,6 +40,7 @@ def test_official_and_our_weights_in_the_encoder(tmp_path):
             assert torch.equal(value, expected[key]), key
 
 
+@pytest.mark.e2e
 def test_training_on_shapes_few_steps(tmp_path):
     """The docs/smp.md example: a U-Net with an RMT-T encoder learns the shapes masks (loss goes down)."""
     root = generate_shapes(tmp_path / "shapes", num_train=8, num_val=2, image_size=64)

@@ -42,6 +42,7 @@ def test_peak_memory_of_a_matmul_chain():
     del z
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["features", "train"])  # `infer` runs in the CLI test
 def test_benchmark_times_models_side_by_side(mode):
     results = benchmark(["rmt_t", "reference:rmt_t"], batch_size=2, img_size=(32, 48), mode=mode, warmup=1, iters=2)
@@ -75,6 +76,7 @@ def test_benchmark_rejects_bad_arguments():
             benchmark(["rmt_t"], device="cuda")
 
 
+@pytest.mark.e2e
 def test_cli_json_and_table(capsys):
     assert main(["benchmark", "rmt_t", "--batch-size", "2", "--img-size", "32", "32", "--iters", "1",
                  "--warmup", "0", "--peers", "reference:rmt_t", "--mode", "both", "--json"]) == 0
