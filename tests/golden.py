@@ -1,4 +1,5 @@
-"""Reference data from the official implementation (tests/fixtures/golden, see SOURCE.md there)."""
+"""Reference data from the official implementation (tests/fixtures/golden, see SOURCE.md there) and the helpers that
+put weights into its key layout."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,9 @@ import math
 from pathlib import Path
 
 import torch
+
+from rmt.models import RMT
+from rmt.models.reference import ReferenceRMT
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 
@@ -65,6 +69,24 @@ def official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
         else:
             out[key.replace(".relpos.", ".Relpos.")] = value
     return out
+
+
+def oracle_pair(args: dict, seed: int = 0, token_label: bool = False) -> tuple[RMT, ReferenceRMT]:
+    """The fast model and the oracle (``ReferenceRMT``) with the same random weights, BN statistics and layer
+    scales moved off their initial values too."""
+    torch.manual_seed(seed)
+    fast = RMT(**args, token_label=token_label)
+    with torch.no_grad():
+        for name, buf in fast.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # move gammas/biases off their init values
+    ref = ReferenceRMT(**{k: v for k, v in args.items() if k != "drop_path_rate"}, token_label=token_label)
+    ref.load_state_dict(official_layout(fast.state_dict()))
+    return fast, ref
 
 
 def case_input(case: dict) -> torch.Tensor:

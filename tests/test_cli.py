@@ -9,11 +9,15 @@ import subprocess
 import sys
 
 import pytest
+import timm
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from rmt import cli
 from rmt.cli import main
+from rmt.tools.flops import count_macs
 from rmt.training.run import RunResult
 
 # a value a careless or hostile user could type
@@ -120,17 +124,11 @@ def test_flops_count_attention_and_scale_with_size(capsys):
 
 
 def test_attention_matmuls_are_counted():
-    import timm
-    import torch
-
-    from rmt.tools.flops import count_macs
-
     with torch.device("meta"):
         model = timm.create_model("rmt_t")
     stage4 = model.layers[3].blocks[0].retention
     x = torch.zeros(1, 7, 7, 512, device="meta")
     tables = model.layers[3].relpos(7, 7, x)
-    from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         stage4(x, tables)

@@ -13,6 +13,7 @@ from conftest import write_run_checkpoint
 from rmt.cli import main
 from rmt.models.weights import save_weights
 from rmt.runtime.classifier import Prediction, load_classifier
+from rmt.runtime.precision import fast_bf16
 
 RUN_CLASSES = ["cat", "coffee", "rocket"]
 RUN_CLASSES_DEFAULT = [f"class_{i}" for i in range(3)]  # a built model without stored names
@@ -178,7 +179,6 @@ def test_prediction_json_shape():
 def test_default_precision_is_bf16_where_the_machine_runs_it_natively(photos, tiny_classifier):
     """`rmt predict` picks bf16 autocast on a CPU with AVX512-BF16/AMX (this project's machine), else
     float32, says which, and its probabilities stay within 0.01 of float32's."""
-    from rmt.runtime.precision import fast_bf16
 
     root, good, _ = photos
     auto = load_classifier(tiny_classifier, device="cpu")

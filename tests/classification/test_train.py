@@ -12,8 +12,11 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 
+from golden import load_golden, official_state_dict, save_official_checkpoint
 from rmt.classification import ClassificationConfig, train
+from rmt.classification.evaluate import evaluate_checkpoint
 from rmt.classification.train import METRIC_COLUMNS
 from rmt.cli import main
 from rmt.data import DigitsDataset
@@ -175,8 +178,6 @@ def test_eval_cli_json_on_our_checkpoint(tmp_path, capsys):
 
 
 def test_finetune_reports_reinitialised_keys(tmp_path, caplog):
-    from golden import load_golden, official_state_dict, save_official_checkpoint
-
     official = official_state_dict(load_golden("official_keys_rmt_t")["keys"])
     ckpt = save_official_checkpoint(tmp_path / "RMT-T.pth", official)
     model = create_model("rmt_t", num_classes=10)
@@ -198,8 +199,6 @@ def test_cli_train_errors_are_one_line(tmp_path, capsys):
 
 
 def _image_folder(root: Path, classes=("cat", "dog"), per_class=8, size=(40, 48)):
-    from PIL import Image
-
     g = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
         for c, name in enumerate(classes):
@@ -224,6 +223,7 @@ def test_image_folder_training_with_the_recipe(tmp_path):
     assert len(_rows(result.output)) == 1
 
 
+@pytest.mark.e2e
 def test_two_process_ddp_training(tmp_path):
     """torchrun with two CPU processes (gloo): rank-0-only files, evaluation sharded without repeats."""
     run = tmp_path / "ddp"
@@ -252,7 +252,6 @@ def test_digits_job_in_bf16_matches_float32_accuracy(tmp_path):
     its weights in bf16 agrees with float32 within 0.2 points (issue 12). About 10 minutes on 2 cores."""
     result = train(config("digits", dict(output=str(tmp_path / "run"), amp="bf16")))
     weights = str(result.output / "model.safetensors")
-    from rmt.classification.evaluate import evaluate_checkpoint
 
     exact = evaluate_checkpoint(None, weights, workers=0, progress=False)
     reduced = evaluate_checkpoint(None, weights, workers=0, amp="bf16", progress=False)

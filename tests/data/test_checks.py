@@ -3,35 +3,33 @@ checked up front (nothing of a run directory is created), configs read with boun
 files refused instead of waited on, user-edited model folders checked. Fixtures are generated here."""
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
-from conftest import write_weights
+from conftest import one_line_error, write_weights
 from rmt.cli import main
-from rmt.data.checks import DataError, check_coco, rle_counts
+from rmt.data.ade20k import ADE20KDataset
+from rmt.data.checks import DataError, check_coco, check_label_maps, rle_counts
 from rmt.data.folder import ImageFolderDataset
 from rmt.data.shapes import generate_shapes
 from rmt.detection.config import DetConfig
 from rmt.detection.models import build_detector, detector_kwargs
+from rmt.models import RMT
+from rmt.models.hub import save_hub_folder
 from rmt.segmentation.config import SegConfig
 from rmt.segmentation.models import build_segmentor, segmentor_kwargs
 from rmt.training import load_config
 
 CLASSES = ["circle", "square", "triangle"]
-
-
-def one_line_error(capsys, code, expected_code=2):
-    err = capsys.readouterr().err.strip()
-    assert code == expected_code, err
-    assert err.startswith("rmt") and "error" in err and "\n" not in err and "Traceback" not in err, err
-    assert len(err) < 1000, err[:300]
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +141,6 @@ def test_coco_checks_name_the_first_problems_and_count_the_rest():
 
 
 def test_rle_strings_are_decoded_as_pycocotools_encodes_them():
-    from pycocotools import mask as mask_utils
-
     rng = np.random.default_rng(0)
     for _ in range(20):
         mask = np.asfortranarray((rng.random((13, 7)) < rng.random()).astype(np.uint8))
@@ -205,9 +201,7 @@ def test_seg_eval_checks_labels_size_and_channels(dataset, dense_weights, capsys
 
 def test_the_label_scan_reads_a_label_in_well_under_a_second(tmp_path):
     """The scan reads each label once: 40 labels of 512x683 (ADE20K's size) take well under a second each."""
-    import time
 
-    from rmt.data.checks import check_label_maps
 
     rng = np.random.default_rng(0)
     samples = []
@@ -234,7 +228,6 @@ def test_hidden_files_and_folders_are_not_data(tmp_path, dataset):
     ds = ImageFolderDataset(tmp_path / "train")
     assert ds.classes == ["a", "b"] and sorted(os.path.basename(p) for p, _ in ds.samples) == ["x.png", "x.png"]
 
-    from rmt.data.ade20k import ADE20KDataset
 
     shutil.copy(dataset / "images" / "training" / "00000.png", dataset / "images" / "training" / "._00000.png")
     shutil.copy(dataset / "annotations" / "training" / "00000.png",
@@ -272,8 +265,6 @@ def test_a_full_size_alias_bomb_stays_within_memory(tmp_path):
     assert len(path.read_bytes()) < 3000
 
     def limit():
-        import resource
-
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # importing torch maps 3.6 GB
 
     proc = subprocess.run([sys.executable, "-m", "rmt", "train", "--config", str(path)], capture_output=True,
@@ -334,9 +325,6 @@ def test_a_garbage_teacher_checkpoint_is_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory):
-    from rmt.models import RMT
-    from rmt.models.hub import save_hub_folder
-
     folder = tmp_path_factory.mktemp("hub") / "model"
     model = RMT(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=3)
     return save_hub_folder(model, folder, model_name="rmt_t", class_names=["a", "b", "c"],

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from rmt.data.ade20k import (
     IGNORE_INDEX,
@@ -16,6 +17,7 @@ from rmt.data.ade20k import (
 )
 from rmt.data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
 from rmt.data.shapes import SHAPE_CLASSES, ensure_shapes, generate_shapes
+from rmt.detection.models import build_detector
 from rmt.errors import RMTError
 
 
@@ -79,8 +81,6 @@ def test_coco_polygon_and_rle_masks_match_the_label_maps(shapes):
 
 
 def test_coco_uncompressed_rle_crowd_and_errors(tmp_path):
-    from pycocotools import mask as mask_utils
-
     (tmp_path / "val").mkdir()
     (tmp_path / "annotations").mkdir()
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "val" / "a.png")
@@ -129,7 +129,6 @@ def test_detection_flip_keeps_boxes_and_masks_together(shapes):
 
 def test_detector_multiscale_resize_keeps_boxes_and_masks_together(shapes):
     """The reference's multi-scale resize happens in the detector's transform: one short side per image."""
-    from rmt.detection.models import build_detector
 
     model = build_detector("mask_rcnn", num_classes=3, min_size=(48, 80), max_size=96, neck_channels=16)
     assert model.transform.min_size == (48, 80) and model.transform.max_size == 96

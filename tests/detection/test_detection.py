@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from rmt.cli import main
 from rmt.data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
 from rmt.data.shapes import generate_shapes
 from rmt.detection.cascade import CASCADE_IOUS, CascadeRoIHeads
 from rmt.detection.config import DetConfig
-from rmt.detection.evaluate import coco_metrics
+from rmt.detection.evaluate import coco_metrics, coco_results
 from rmt.detection.models import ARCHS, build_detector
 from rmt.errors import RMTError
 from rmt.training.checkpoint import read_run_checkpoint
@@ -96,7 +97,6 @@ def test_giou_box_loss_and_bad_arguments(batch):
 
 def test_coco_ap_of_ground_truth_is_one(shapes):
     """The ground truth given back as detections (score 1) scores AP 1.0 for boxes and masks."""
-    from rmt.detection.evaluate import coco_results
 
     ds = CocoDetection(*coco_split_paths(shapes, "validation"))
     outputs, ids = [], []
@@ -168,7 +168,6 @@ def test_cli_train_resume_eval_predict(shapes, tmp_path, capsys):
     assert main(["det", "predict", str(image), "--checkpoint", str(out / "last.pth"), "--output", str(picture),
                  "--score-thresh", "0.0"]) == 0
     assert picture.is_file() and picture.stat().st_size > 0
-    from PIL import Image
 
     assert Image.open(picture).size == (64, 64)
     assert "->" in capsys.readouterr().out

@@ -7,6 +7,8 @@ import pytest
 import timm
 import timm.models._hub as timm_hub
 import torch
+from huggingface_hub.errors import EntryNotFoundError
+from PIL import Image
 
 from golden import case_input
 from rmt.cli import main
@@ -63,7 +65,6 @@ def test_official_checkpoint_to_hub_folder_loads_in_timm(official_rmt_t, tmp_pat
 
 def test_hub_folder_loads_through_hf_hub(official_rmt_t, tmp_path, monkeypatch):
     """`hf-hub:` with timm's own download path, the Hub stood in for by the folder (no network in tests)."""
-    from huggingface_hub.errors import EntryNotFoundError
 
     folder = tmp_path / "repo"
     create_model("rmt_t", checkpoint=official_rmt_t)
@@ -106,8 +107,6 @@ def test_digits_run_to_hub_folder_keeps_classes_and_preprocessing(digits_weights
 
 
 def test_predict_and_export_take_a_folder(digits_weights, tmp_path, capsys):
-    from PIL import Image
-
     path, model = digits_weights
     folder = save_hub_folder(model, tmp_path / "digits", model_name="rmt_t", class_names=DigitsDataset.classes,
                              data_config=DIGITS_CONFIG, metrics={"val_top1": 97.5})

@@ -2,10 +2,13 @@
 import pytest
 import timm
 import torch
+from timm.optim import create_optimizer_v2
 
-from golden import TINY_ARGS, load_golden, official_layout
+import rmt.models.rmt as rmt_module
+from golden import TINY_ARGS, load_golden, official_layout, oracle_pair
 from rmt.models import MODEL_ARGS, RMT, checkpoint_filter_fn
-from rmt.models.reference import ReferenceRMT, reference_rmt
+from rmt.models.masa import RelPos2d, _rotate
+from rmt.models.reference import reference_rmt
 
 SPEC_PARAMS = {  # ../shared/spec/RMT.md
     "rmt_t": (14_334_216, None),
@@ -39,23 +42,6 @@ def test_official_key_layout_loads_exactly(name):
     assert not result.missing_keys and not result.unexpected_keys
 
 
-def _pair(args, seed=0, token_label=False):
-    """The fast model and the oracle with the same random weights (BN statistics randomised too)."""
-    torch.manual_seed(seed)
-    fast = RMT(**args, token_label=token_label)
-    with torch.no_grad():
-        for name, buf in fast.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 1.5)
-        for p in fast.parameters():
-            p.add_(torch.randn_like(p) * 0.02)  # move gammas/biases off their init values
-    ref = ReferenceRMT(**{k: v for k, v in args.items() if k != "drop_path_rate"}, token_label=token_label)
-    ref.load_state_dict(official_layout(fast.state_dict()))
-    return fast, ref
-
-
 PARITY_CONFIGS = {
     "tiny-full-last": dict(TINY_ARGS, decomposed=(True, True, False, False), layer_scale=(False, False, True, True)),
     "tiny-all-decomposed": dict(TINY_ARGS, decomposed=(True, True, True, True)),
@@ -66,7 +52,7 @@ PARITY_CONFIGS = {
 @pytest.mark.parametrize("config", list(PARITY_CONFIGS))
 @pytest.mark.parametrize("size", [(64, 64), (97, 131), (40, 24)])
 def test_fast_matches_oracle_forward_and_gradients(config, size):
-    fast, ref = _pair(PARITY_CONFIGS[config])
+    fast, ref = oracle_pair(PARITY_CONFIGS[config])
     x = torch.randn(2, 3, *size)
     for model in (fast, ref):
         model.eval()
@@ -180,7 +166,6 @@ def test_drop_path_override_and_defaults():
 def test_no_weight_decay_and_param_groups():
     model = timm.create_model("rmt_b", num_classes=10)
     assert model.no_weight_decay() == set()
-    from timm.optim import create_optimizer_v2
 
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -258,8 +243,6 @@ class TestTokenLabel:
             assert torch.allclose(model(x), head + 0.5 * aux.amax(1), atol=1e-6)
 
     def test_train_output_and_mixtoken(self, monkeypatch):
-        import rmt.models.rmt as rmt_module
-
         model = self._model()
         x = torch.randn(2, 3, 64, 64)
         logits, aux, box = model(x)
@@ -299,7 +282,6 @@ class TestTokenLabel:
 @pytest.mark.parametrize("decomposed", [True, False])
 def test_complex_and_real_rotation_agree(decomposed):
     """The complex-multiply fast path and the real-arithmetic path (used when tracing) rotate alike."""
-    from rmt.models.masa import RelPos2d, _rotate
 
     relpos = RelPos2d(dim=64, num_heads=4, init_value=2, heads_range=4, decomposed=decomposed)
     tables = relpos(5, 7, torch.zeros(1))

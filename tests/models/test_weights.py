@@ -1,4 +1,5 @@
 """Loading official checkpoints and our own format; clear failures for the wrong ones."""
+import collections
 import logging
 
 import pytest
@@ -72,8 +73,6 @@ def test_non_weight_pickle_is_refused(tmp_path):
 
 
 def test_unsafe_pickle_is_refused(tmp_path):
-    import collections
-
     path = tmp_path / "unsafe.pth"
     torch.save({"model": {}, "extra": collections.Counter(a=1)}, path)  # not an allowed global
     with pytest.raises(CheckpointError):

@@ -2,9 +2,13 @@
 import csv
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from rmt.cli import main
@@ -160,7 +164,6 @@ def test_cli_train_resume_eval_predict(shapes, tmp_path, capsys):
                  str(tmp_path / "pictures")]) == 0
     picture = tmp_path / "pictures" / "00001_seg.png"
     assert picture.is_file()
-    from PIL import Image
 
     assert Image.open(picture).width == 160  # the image (64 px) widened for the legend
     assert "->" in capsys.readouterr().out
@@ -177,9 +180,6 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 @pytest.mark.e2e
 def test_two_process_ddp_training(shapes, tmp_path):
     """torchrun with two CPU processes (gloo) through the dense training loop: rank 0 writes the run."""
-    import os
-    import subprocess
-    import sys
 
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",

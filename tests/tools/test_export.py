@@ -2,10 +2,13 @@
 compared with PyTorch (max abs diff <= 1e-4 in float32); and the deployment exports: constant weights,
 `--static` graphs (fixed shapes, MaSA tables as initializers, no control flow), int8 static quantization with
 its accuracy report, and ONNX Runtime in `rmt benchmark`."""
+import errno
 import json
 import subprocess
 import sys
+import warnings
 from collections import Counter
+from pathlib import Path
 
 import onnx
 import pytest
@@ -13,10 +16,11 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import write_run_checkpoint
+from conftest import one_line_error, write_run_checkpoint
 from rmt.cli import main
 from rmt.data import DigitsDataset, collate_skip_bad
 from rmt.errors import RMTError
+from rmt.models import RMT
 from rmt.models.fast.ops import fused_linear, linear_chunks
 from rmt.models.hub import save_hub_folder
 from rmt.models.masa import MaSA, TokenConv
@@ -27,7 +31,6 @@ from rmt.tools.export import ExportVerificationError, export_form, export_model,
 from rmt.tools.quantize import OnnxRuntimeModel, OpenVINOModel, openvino_core, quantize_linear_dynamic
 
 ATOL = 1e-4
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,7 +182,6 @@ def test_cli_other_formats_of_a_run_checkpoint(run_checkpoint, tmp_path, capsys,
 
 def _traced_with_check(model, images):
     """``torch.jit.trace`` with its default check, which traces again (under ``no_grad``) and compares graphs."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)  # torch.jit is deprecated
@@ -476,6 +478,7 @@ def test_signals_still_work_after_openvino_models_are_freed(tmp_path):
     assert done.returncode == 0 and done.stdout.split()[-1:] == ["handled"], (done.returncode, done.stderr[-2000:])
 
 
+@pytest.mark.e2e
 def test_openvino_runner(tiny, tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
@@ -554,3 +557,50 @@ def test_cli_benchmark_onnxruntime(capsys):
     assert [(r["model"], r["backend"]) for r in rows] == [("rmt_t", "eager"), ("rmt_t", "onnxruntime"),
                                                          ("rmt_t", "onnxruntime-int8")]
     assert rows[1]["parity"] < 1e-4 and all(r["img_per_s"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------------------- user errors of the tools
+@pytest.fixture
+def tiny_export(monkeypatch):
+    """`rmt export` of a tiny classifier standing in for a checkpoint's."""
+    torch.manual_seed(0)
+    tiny = RMT(embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), projection=32, num_classes=3)
+    config = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+              "crop_pct": 1.0}
+    classifier = Classifier(tiny.eval(), config, device="cpu")
+    monkeypatch.setattr("rmt.tools.export.load_classifier", lambda *a, **k: classifier)
+
+
+def test_export_onto_a_full_disk_keeps_the_old_file(tiny_export, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"the previous export")
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    err = one_line_error(capsys, main(["export", "--checkpoint", "x.pth", "--format", "torchscript", "--output",
+                                       str(out), "--no-verify"]))
+    monkeypatch.undo()
+    assert "no space left on the device to write" in err and "the previous model.pt is kept" in err
+    assert out.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_export_refuses_an_opset_it_cannot_write(tiny_export, tmp_path, capsys):
+    err = one_line_error(capsys, main(["export", "--checkpoint", "x.pth", "--format", "onnx", "--output",
+                                       str(tmp_path / "m.onnx"), "--opset", "3", "--static-size"]))
+    assert "cannot convert this model to opset 3" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["flops", "rmt_t", "--img-size", "0", "224"], "must be a positive integer"),
+    (["flops", "rmt_t", "--img-size", "-32", "32"], "must be a positive integer"),
+    (["export", "--checkpoint", "x.pth", "--format", "onnx", "--output", "m.onnx", "--atol", "nan"],
+     "not a finite number"),
+    (["visualize", "decay", "--model", "rmt_t", "--output", "d.xyz"], "cannot write .xyz pictures"),
+    (["benchmark", "rmt_t", "--iters", "0"], "must be a positive integer"),
+])
+def test_tool_values_that_cannot_be_honoured_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert message in one_line_error(capsys, main(argv))

@@ -12,6 +12,8 @@ import errno
 import logging
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -331,13 +333,10 @@ def test_bad_files_are_skipped_and_reported(tmp_path, caplog):
     ("class_mismatch", "has classes that the training split does not: zebra"),
 ])
 def test_bad_dataset_layouts_exit_2_with_one_line(tmp_path, capsys, layout, message):
-    import re
-
     root = tmp_path / "data"
     if layout != "missing":
         _odd_folder(root)
     if layout == "no_val":
-        import shutil
 
         shutil.rmtree(root / "val")
     if layout == "class_mismatch":

@@ -21,10 +21,11 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 import rmt.models.hub as hub
-from conftest import write_run_checkpoint, write_weights
+from conftest import one_line_error, write_run_checkpoint, write_weights
 from rmt.classification import ClassificationConfig
 from rmt.cli import main
 from rmt.cliutils import print_json, to_jsonable
@@ -43,13 +44,6 @@ from rmt.training.step import OptimizerStep
 
 TINY = ["--max-train-samples", "32", "--max-val-samples", "16", "--img-size", "16", "--batch-size", "16",
         "--epochs", "1", "--warmup-epochs", "0"]
-
-
-def one_line_error(capsys, code, expected_code=2):
-    err = capsys.readouterr().err.strip()
-    assert code == expected_code, err
-    assert err.startswith("rmt") and "error" in err and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +67,6 @@ def test_a_new_run_into_a_finished_one_is_refused(finished_run, capsys):
 
 @pytest.mark.e2e
 def test_overwrite_replaces_a_run(finished_run, tmp_path, capsys):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     (run / "epoch_0007.pth").write_bytes(b"an old retained checkpoint")
@@ -171,7 +163,6 @@ def test_damaged_weight_files_are_one_line(bad_weights, capsys, command, weights
 def test_other_tools_safetensors_load_where_they_fit(tmp_path, capsys):
     """A file written by plain safetensors ({"format": "pt"} metadata only): the variant and the class count
     are read off the weights."""
-    from safetensors.torch import save_file
 
     model = create_model("rmt_t", num_classes=4)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "other.safetensors"),
@@ -275,59 +266,6 @@ def test_dense_predict_skips_bad_images_and_shares_the_json_shape(tmp_path, caps
     assert set(good) == {"path", "output", key} and (tmp_path / "pictures" / "good_" f"{command}.png").is_file()
     for entry in good[key]:
         assert {"label", "index"} <= set(entry) and entry["label"] in ("circle", "square", "triangle")
-
-
-
-# ------------------------------------------------------------------------------- exports
-@pytest.fixture
-def tiny_export(monkeypatch):
-    """`rmt export` of a tiny classifier standing in for a checkpoint's."""
-    from rmt.models import RMT
-    from rmt.runtime.classifier import Classifier
-
-    torch.manual_seed(0)
-    tiny = RMT(embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), projection=32, num_classes=3)
-    config = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
-              "crop_pct": 1.0}
-    classifier = Classifier(tiny.eval(), config, device="cpu")
-    monkeypatch.setattr("rmt.tools.export.load_classifier", lambda *a, **k: classifier)
-
-
-def test_export_onto_a_full_disk_keeps_the_old_file(tiny_export, tmp_path, monkeypatch, capsys):
-    from pathlib import Path
-
-    out = tmp_path / "model.pt"
-    out.write_bytes(b"the previous export")
-
-    def full(self, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_bytes", full)
-    err = one_line_error(capsys, main(["export", "--checkpoint", "x.pth", "--format", "torchscript", "--output",
-                                       str(out), "--no-verify"]))
-    monkeypatch.undo()
-    assert "no space left on the device to write" in err and "the previous model.pt is kept" in err
-    assert out.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
-
-
-def test_export_refuses_an_opset_it_cannot_write(tiny_export, tmp_path, capsys):
-    err = one_line_error(capsys, main(["export", "--checkpoint", "x.pth", "--format", "onnx", "--output",
-                                       str(tmp_path / "m.onnx"), "--opset", "3", "--static-size"]))
-    assert "cannot convert this model to opset 3" in err
-    assert not (tmp_path / "m.onnx").exists()
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["flops", "rmt_t", "--img-size", "0", "224"], "must be a positive integer"),
-    (["flops", "rmt_t", "--img-size", "-32", "32"], "must be a positive integer"),
-    (["export", "--checkpoint", "x.pth", "--format", "onnx", "--output", "m.onnx", "--atol", "nan"],
-     "not a finite number"),
-    (["visualize", "decay", "--model", "rmt_t", "--output", "d.xyz"], "cannot write .xyz pictures"),
-    (["benchmark", "rmt_t", "--iters", "0"], "must be a positive integer"),
-])
-def test_tool_values_that_cannot_be_honoured_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert message in one_line_error(capsys, main(argv))
 
 
 # ------------------------------------------------ replacing is a transaction, a resume is the same run (issue 23)

@@ -11,8 +11,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from rmt.classification import ClassificationConfig
 from rmt.detection.config import DetConfig
-from rmt.errors import RMTError
+from rmt.errors import NonFiniteLossError, RMTError
 from rmt.files import atomic_save, atomic_write_text
+from rmt.models import create_model
 from rmt.runtime import processes
 from rmt.runtime.precision import amp_dtype, configure_float32, describe_precision
 from rmt.segmentation.config import SegConfig
@@ -20,7 +21,7 @@ from rmt.training import distributed, load_config
 from rmt.training.checkpoint import Progress, RunCheckpoint, read_run_checkpoint
 from rmt.training.config import bundled_configs, resolve_config
 from rmt.training.optim import create_optimizer
-from rmt.training.run import RoundSpec, TrainingRun
+from rmt.training.run import RoundSpec, TrainingRun, constant_buffers
 
 
 # ------------------------------------------------------------------------------- processes
@@ -61,8 +62,6 @@ def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
 def test_data_parallel_leaves_masa_constants_alone():
     """DDP re-broadcasts buffers every step, in place; MaSA's decay and angles are the same everywhere, and
     rewriting them would empty its table cache every step, so they are excluded."""
-    from rmt.models import create_model
-    from rmt.training.run import constant_buffers
 
     model = create_model("rmt_t")
     names = constant_buffers(model)
@@ -148,8 +147,6 @@ def test_optimizer_steps_do_not_synchronise_with_the_host(tmp_path):
 
 
 def test_a_non_finite_loss_is_found_at_the_check_and_named(tmp_path):
-    from rmt.errors import NonFiniteLossError
-
     with _run(tmp_path) as run:
         model = nn.Linear(4, 2)
         step = run.begin(model, torch.optim.SGD(model.parameters(), lr=0.1),

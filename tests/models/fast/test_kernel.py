@@ -14,18 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.cpp_extension
+from torch.utils.flop_counter import FlopCounterMode
 
 from golden import TINY_ARGS
 from rmt.models import RMT
 from rmt.models.fast import kernel
-from rmt.models.fast import kernel as kernels
-
-
-@pytest.fixture(scope="module")
-def built():
-    module = kernels._load()
-    assert module is not None, "the short-attention kernel failed to build (see the warning in the log)"
-    return module
+from rmt.tools.flops import count_macs
 
 
 def _views(b, h, w, n, d, layout):
@@ -45,14 +39,14 @@ LENGTHS = [(1, 16), (3, 32), (14, 32), (16, 16), (17, 64), (28, 32), (32, 16), (
 
 @pytest.mark.parametrize("layout", ["rows", "cols"])
 @pytest.mark.parametrize("length,d", LENGTHS)
-def test_matches_sdpa_on_strided_views(built, layout, length, d):
+def test_matches_sdpa_on_strided_views(cpu_kernels, layout, length, d):
     torch.manual_seed(length * d)
     q, k, v, bias, view = _views(2, length, length, 3, d, layout)
     inputs = [t.requires_grad_() for t in (q, k, v)]
     expected = F.scaled_dot_product_attention(*map(view, inputs), attn_mask=bias, scale=d ** -0.5)
     grad = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, inputs, grad)
-    out = kernels.short_attention(q, k, v, bias, d ** -0.5, view)
+    out = kernel.short_attention(q, k, v, bias, d ** -0.5, view)
     torch.testing.assert_close(view(out), expected, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(view(out), inputs, grad)
     for got, want in zip(grads, expected_grads):
@@ -69,7 +63,7 @@ BF16_GRAD_REL = 1e-2
 
 @pytest.mark.parametrize("layout", ["rows", "cols"])
 @pytest.mark.parametrize("length,d", LENGTHS)
-def test_bfloat16_matches_float32_sdpa(built, layout, length, d):
+def test_bfloat16_matches_float32_sdpa(cpu_kernels, layout, length, d):
     torch.manual_seed(length * d + 1)
     q, k, v, bias, view = _views(2, length, length, 3, d, layout)
     q, k, v, bias = (t.bfloat16() for t in (q, k, v, bias))
@@ -78,7 +72,7 @@ def test_bfloat16_matches_float32_sdpa(built, layout, length, d):
     grad = torch.randn_like(expected).bfloat16()
     expected_grads = torch.autograd.grad(expected, inputs, grad.float())
     bf16_inputs = [t.requires_grad_() for t in (q, k, v)]
-    out = kernels.short_attention(*bf16_inputs, bias, d ** -0.5, view)
+    out = kernel.short_attention(*bf16_inputs, bias, d ** -0.5, view)
     assert out.dtype == torch.bfloat16
     assert (view(out).float() - expected).abs().max() <= BF16_OUT_ATOL
     grads = torch.autograd.grad(view(out), bf16_inputs, grad)
@@ -87,7 +81,7 @@ def test_bfloat16_matches_float32_sdpa(built, layout, length, d):
         assert (got.float() - want).abs().max() <= BF16_GRAD_REL * max(want.abs().max().item(), 1e-3)
 
 
-def test_bias_shared_across_heads(built):
+def test_bias_shared_across_heads(cpu_kernels):
     """A (1, Hb, L, L) bias with Hb dividing the head count: head h adds table h % Hb (MaSA's column
     pass passes one table per head for all columns)."""
     torch.manual_seed(3)
@@ -95,15 +89,15 @@ def test_bias_shared_across_heads(built):
     tables = torch.randn(1, 3, 14, 14)
     expected = F.scaled_dot_product_attention(*map(view, (q, k, v)), attn_mask=tables.repeat(1, 14, 1, 1),
                                               scale=32 ** -0.5)
-    out = kernels.short_attention(q, k, v, tables, 32 ** -0.5, view)
+    out = kernel.short_attention(q, k, v, tables, 32 ** -0.5, view)
     torch.testing.assert_close(view(out), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rotation_matches_rotating_first(built, dtype):
+def test_fused_rotation_matches_rotating_first(cpu_kernels, dtype):
     """MaSA's decomposed passes with q and k rotated as the kernel reads them (AVX-512 builds) against
     the same passes on q and k rotated beforehand, forward and gradients."""
-    if not kernels._module.fused_rotation:
+    if not kernel._module.fused_rotation:
         pytest.skip("this build does not fuse the rotation (no AVX-512)")
     torch.manual_seed(5)
     b, h, w, n, d = 2, 6, 9, 2, 32
@@ -117,13 +111,13 @@ def test_fused_rotation_matches_rotating_first(built, dtype):
 
     def passes(fused: bool):
         if fused:
-            x = kernels.short_attention(q, k, v, bias_w, d ** -0.5, rows, (cos, sin, (h, w, 1, 1, 0)))
-            return kernels.short_attention(q, k, x, bias_h, d ** -0.5, cols, (cos, sin, (1, 0, w, n, 1)))
+            x = kernel.short_attention(q, k, v, bias_w, d ** -0.5, rows, (cos, sin, (h, w, 1, 1, 0)))
+            return kernel.short_attention(q, k, x, bias_h, d ** -0.5, cols, (cos, sin, (1, 0, w, n, 1)))
         table = lambda t: t.reshape(h, w, 1, d)  # noqa: E731
-        qr, kr = (kernels.rotate(t, table(cos), table(sin)) if dtype == torch.bfloat16 else
+        qr, kr = (kernel.rotate(t, table(cos), table(sin)) if dtype == torch.bfloat16 else
                   t * table(cos) + t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * table(sin) for t in (q, k))
-        x = kernels.short_attention(qr, kr, v, bias_w, d ** -0.5, rows)
-        return kernels.short_attention(qr, kr, x, bias_h, d ** -0.5, cols)
+        x = kernel.short_attention(qr, kr, v, bias_w, d ** -0.5, rows)
+        return kernel.short_attention(qr, kr, x, bias_h, d ** -0.5, cols)
 
     grad = torch.randn(b, h, w, n, d).to(dtype)
     fused = passes(True)
@@ -138,12 +132,12 @@ def test_fused_rotation_matches_rotating_first(built, dtype):
         assert (got.float() - want.float()).abs().max() <= max(atol, BF16_GRAD_REL * want.float().abs().max())
 
 
-def test_large_scores_stay_finite(built):
+def test_large_scores_stay_finite(cpu_kernels):
     """Softmax subtracts the row maximum: scores of +-1e4 must not overflow."""
     q, k, v, bias, view = _views(1, 14, 14, 2, 32, "rows")
     q *= 100.0
     expected = F.scaled_dot_product_attention(view(q), view(k), view(v), attn_mask=bias)
-    out = kernels.short_attention(q, k, v, bias, 32 ** -0.5, view)
+    out = kernel.short_attention(q, k, v, bias, 32 ** -0.5, view)
     assert out.isfinite().all()
     torch.testing.assert_close(view(out), expected, atol=1e-4, rtol=1e-4)
 
@@ -151,21 +145,21 @@ def test_large_scores_stay_finite(built):
 def test_applies_only_where_compiled():
     q = torch.randn(4, 2, 14, 32)
     bias = torch.zeros(1, 2, 14, 14)
-    assert kernels.short_attention_applies(q, bias)
-    assert not kernels.short_attention_applies(torch.randn(4, 2, 65, 32), torch.zeros(1, 2, 65, 65))  # too long
-    assert not kernels.short_attention_applies(torch.randn(4, 2, 14, 8), bias)  # head dim not compiled
-    assert kernels.short_attention_applies(q.bfloat16(), bias.bfloat16())
-    assert not kernels.short_attention_applies(q.double(), bias.double())
-    assert not kernels.short_attention_applies(q.half(), bias.half())  # no float16 kernel on the CPU
-    assert not kernels.short_attention_applies(q.bfloat16(), bias)  # bias in another dtype
+    assert kernel.short_attention_applies(q, bias)
+    assert not kernel.short_attention_applies(torch.randn(4, 2, 65, 32), torch.zeros(1, 2, 65, 65))  # too long
+    assert not kernel.short_attention_applies(torch.randn(4, 2, 14, 8), bias)  # head dim not compiled
+    assert kernel.short_attention_applies(q.bfloat16(), bias.bfloat16())
+    assert not kernel.short_attention_applies(q.double(), bias.double())
+    assert not kernel.short_attention_applies(q.half(), bias.half())  # no float16 kernel on the CPU
+    assert not kernel.short_attention_applies(q.bfloat16(), bias)  # bias in another dtype
     # float32 rows of 33-64 tokens: the lane-parallel kernel (AVX-512 builds) beats the flash kernel, the
     # portable one does not
-    assert kernels.short_attention_applies(torch.randn(4, 2, 40, 32), torch.zeros(1, 2, 40, 40)) == \
-        kernels._module.fused_rotation
-    assert kernels.short_attention_applies(torch.randn(4, 2, 56, 16).bfloat16(), torch.zeros(1, 2, 56, 56).bfloat16())
+    assert kernel.short_attention_applies(torch.randn(4, 2, 40, 32), torch.zeros(1, 2, 40, 40)) == \
+        kernel._module.fused_rotation
+    assert kernel.short_attention_applies(torch.randn(4, 2, 56, 16).bfloat16(), torch.zeros(1, 2, 56, 56).bfloat16())
     too_long = torch.randn(4, 2, 65, 16).bfloat16()
-    assert not kernels.short_attention_applies(too_long, torch.zeros(1, 2, 65, 65).bfloat16())
-    assert not kernels.short_attention_applies(q, bias.requires_grad_())  # a learned bias has no kernel gradient
+    assert not kernel.short_attention_applies(too_long, torch.zeros(1, 2, 65, 65).bfloat16())
+    assert not kernel.short_attention_applies(q, bias.requires_grad_())  # a learned bias has no kernel gradient
 
 
 # head dims 16/32/32/32: all compiled cases (TINY_ARGS' third stage has 24)
@@ -178,25 +172,25 @@ def _attention_ops(model, x):
     return out, {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
 
 
-def test_model_uses_it_in_inference_and_matches(built, monkeypatch):
+def test_model_uses_it_in_inference_and_matches(cpu_kernels, monkeypatch):
     torch.manual_seed(0)
     model = RMT(**SHORT_ARGS).eval()
     x = torch.randn(2, 3, 64, 96)  # rows of 24/12/6/3 and columns of 16/8/4/2 tokens: all short
     fast, ops = _attention_ops(model, x)
     assert not ops, ops  # every decomposed pass ran in the compiled kernel
-    monkeypatch.setattr(kernels, "_enabled", False)
+    monkeypatch.setattr(kernel, "_enabled", False)
     plain, ops = _attention_ops(model, x)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_long_rows_keep_sdpa(built):
+def test_long_rows_keep_sdpa(cpu_kernels):
     model = RMT(**SHORT_ARGS).eval()
     _, ops = _attention_ops(model, torch.randn(1, 3, 288, 288))  # stage-1 rows of 72 > 64: SDPA there
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
 
 
-def test_training_step_matches_sdpa(built, monkeypatch):
+def test_training_step_matches_sdpa(cpu_kernels, monkeypatch):
     torch.manual_seed(0)
     model = RMT(**SHORT_ARGS).train()
     x = torch.randn(2, 3, 64, 64)
@@ -211,7 +205,7 @@ def test_training_step_matches_sdpa(built, monkeypatch):
 
     loss, fast, ops = grads()
     assert not ops, ops  # forward and backward in the compiled kernel
-    monkeypatch.setattr(kernels, "_enabled", False)
+    monkeypatch.setattr(kernel, "_enabled", False)
     loss_plain, plain, ops = grads()
     assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
     torch.testing.assert_close(loss, loss_plain, atol=1e-6, rtol=1e-5)
@@ -219,17 +213,15 @@ def test_training_step_matches_sdpa(built, monkeypatch):
         torch.testing.assert_close(fast[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_flop_counting_sees_every_matmul(built):
+def test_flop_counting_sees_every_matmul(cpu_kernels):
     """Under FlopCounterMode the fast paths step aside (short-row kernel, fused oneDNN linears): a CPU
     model counts exactly what the same model counts on the meta device, attention included."""
-    from rmt.tools.flops import count_macs
 
     model = RMT(**SHORT_ARGS).eval()
     with torch.device("meta"):
         meta_model = RMT(**SHORT_ARGS)
     assert count_macs(model, (64, 64)) == count_macs(meta_model, (64, 64)) > 0
     with torch.no_grad():  # and the attention is in the count
-        from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
             model(torch.randn(1, 3, 64, 64))
@@ -237,14 +229,12 @@ def test_flop_counting_sees_every_matmul(built):
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
-    import torch.utils.cpp_extension as cpp
-
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(cpp, "load", no_compiler)
-    monkeypatch.setattr(kernels, "_module", None)
-    monkeypatch.setattr(kernels, "_failed", False)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernel, "_module", None)
+    monkeypatch.setattr(kernel, "_failed", False)
     model = RMT(**SHORT_ARGS).eval()
     with caplog.at_level("WARNING", logger="rmt.models.fast.kernel"):
         _, ops = _attention_ops(model, torch.randn(1, 3, 64, 64))
@@ -256,7 +246,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
 
 # ------------------------------------------------------------------------------------------ rotation
 @pytest.mark.parametrize("d", [16, 32, 24])
-def test_rotation_matches_the_plain_arithmetic(built, d):
+def test_rotation_matches_the_plain_arithmetic(cpu_kernels, d):
     """One pass in bfloat16 (float32 arithmetic, one rounding) against the same formula in float32,
     on a q slice of a fused projection (strided); the backward pass rotates the gradient back."""
     torch.manual_seed(d)
@@ -266,8 +256,8 @@ def test_rotation_matches_the_plain_arithmetic(built, d):
     angle = torch.rand(h, w, 1, d // 2).repeat_interleave(2, -1) * 6
     signs = torch.tensor([-1.0, 1.0]).repeat(d // 2)
     cos, sin = angle.cos(), angle.sin() * signs
-    assert kernels.rotation_applies(x, cos.bfloat16())
-    out = kernels.rotate(x, cos.bfloat16(), sin.bfloat16())
+    assert kernel.rotation_applies(x, cos.bfloat16())
+    out = kernel.rotate(x, cos.bfloat16(), sin.bfloat16())
     xf = x.detach().float().requires_grad_()
     expected = xf * cos.bfloat16().float() + xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin.bfloat16().float()
     assert out.dtype == torch.bfloat16 and out.is_contiguous()
@@ -281,8 +271,8 @@ def test_rotation_matches_the_plain_arithmetic(built, d):
 def test_rotation_applies_only_in_bfloat16():
     x = torch.randn(1, 2, 2, 1, 16)
     cos = torch.randn(2, 2, 1, 16)
-    assert not kernels.rotation_applies(x, cos)  # float32 has the complex multiply
-    assert not kernels.rotation_applies(x.bfloat16(), cos)  # tables in another dtype
+    assert not kernel.rotation_applies(x, cos)  # float32 has the complex multiply
+    assert not kernel.rotation_applies(x.bfloat16(), cos)  # tables in another dtype
 
 
 # ------------------------------------------------------------------------- depthwise convolutions
@@ -290,7 +280,7 @@ def test_rotation_applies_only_in_bfloat16():
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("channels,size,k,batch", [(16, (7, 9), 3, 3), (32, (9, 6), 5, 3), (48, (11, 8), 7, 3),
                                                    (64, (2, 3), 5, 3), (256, (6, 5), 3, 1), (128, (5, 4), 3, 8)])
-def test_depthwise_kernels_match_aten(built, dtype, gelu, channels, size, k, batch):
+def test_depthwise_kernels_match_aten(cpu_kernels, dtype, gelu, channels, size, k, batch):
     """Forward and the one-sweep backward against ATen in float64: channel counts and batches that give
     tasks of 1 to 8 blocks of 16 channels, images smaller than the kernel, kernels 3/5/7. Sums are
     float32; only the stored outputs and input gradients are rounded to bfloat16."""
@@ -298,12 +288,12 @@ def test_depthwise_kernels_match_aten(built, dtype, gelu, channels, size, k, bat
     x = torch.randn(batch, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(batch, channels, *size).to(dtype).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(channels, 1, k, k) * 0.3, torch.randn(channels)
-    assert kernels.depthwise_applies(x, weight, (k // 2, k // 2))
+    assert kernel.depthwise_applies(x, weight, (k // 2, k // 2))
     inputs = [t.double().requires_grad_() for t in (x, weight, bias)]
     expected = F.conv2d(F.gelu(inputs[0]) if gelu else inputs[0], inputs[1], inputs[2], padding=k // 2, groups=channels)
     want_x, want_w, want_b = torch.autograd.grad(expected, inputs, grad.double())
-    out = kernels.depthwise_forward(x, weight, bias, gelu)
-    grad_x, grad_w, grad_b = kernels.depthwise_backward(x, grad, weight, gelu)
+    out = kernel.depthwise_forward(x, weight, bias, gelu)
+    grad_x, grad_w, grad_b = kernel.depthwise_backward(x, grad, weight, gelu)
     assert out.dtype == grad_x.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     rel = 1e-6 if dtype == torch.float32 else 2 ** -8  # bfloat16: one rounding of the stored value
     for got, want in [(out, expected), (grad_x, want_x)]:
@@ -315,12 +305,12 @@ def test_depthwise_kernels_match_aten(built, dtype, gelu, channels, size, k, bat
 def test_depthwise_applies_only_where_compiled():
     x = torch.randn(1, 32, 5, 5).contiguous(memory_format=torch.channels_last)
     w3 = torch.randn(32, 1, 3, 3)
-    assert kernels.depthwise_applies(x, w3, (1, 1))
-    assert not kernels.depthwise_applies(x.contiguous(), w3, (1, 1))  # NCHW memory
-    assert not kernels.depthwise_applies(x, w3, (0, 0))  # not "same" padding
-    assert not kernels.depthwise_applies(x[:, :24], torch.randn(24, 1, 3, 3), (1, 1))  # 24 channels
-    assert not kernels.depthwise_applies(x, torch.randn(32, 1, 4, 4), (2, 2))  # even kernel
-    assert not kernels.depthwise_applies(x.half(), w3, (1, 1))
+    assert kernel.depthwise_applies(x, w3, (1, 1))
+    assert not kernel.depthwise_applies(x.contiguous(), w3, (1, 1))  # NCHW memory
+    assert not kernel.depthwise_applies(x, w3, (0, 0))  # not "same" padding
+    assert not kernel.depthwise_applies(x[:, :24], torch.randn(24, 1, 3, 3), (1, 1))  # 24 channels
+    assert not kernel.depthwise_applies(x, torch.randn(32, 1, 4, 4), (2, 2))  # even kernel
+    assert not kernel.depthwise_applies(x.half(), w3, (1, 1))
 
 
 # ---------------------------------------------------------------------------- portable build
@@ -329,11 +319,11 @@ def test_depthwise_applies_only_where_compiled():
 def test_portable_build_without_avx512_matches_sdpa(monkeypatch):
     """The kernels built for a CPU without AVX-512 (x86-64-v3: AVX2 + FMA): the per-sequence attention
     kernels and the portable conversions, against the PyTorch ops. Built once (minutes), cached."""
-    from torch.utils.cpp_extension import load
 
-    module = load(name="rmt_cpu_kernels_x86_64_v3_test", sources=[str(kernels._SOURCE)],
-                  extra_cflags=["-O3", "-march=x86-64-v3", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    monkeypatch.setattr(kernels, "_module", module)
+    module = torch.utils.cpp_extension.load(
+        name="rmt_cpu_kernels_x86_64_v3_test", sources=[str(kernel._SOURCE)],
+        extra_cflags=["-O3", "-march=x86-64-v3", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    monkeypatch.setattr(kernel, "_module", module)
     for dtype, atol in [(torch.float32, 2e-5), (torch.bfloat16, BF16_OUT_ATOL)]:
         for layout, length, d in [("rows", 14, 32), ("cols", 28, 16), ("rows", 56, 16), ("cols", 17, 64)]:
             torch.manual_seed(length)
@@ -344,7 +334,7 @@ def test_portable_build_without_avx512_matches_sdpa(monkeypatch):
             grad = torch.randn_like(expected).to(dtype)
             expected_grads = torch.autograd.grad(expected, inputs, grad.float())
             own = [t.requires_grad_() for t in (q, k, v)]
-            out = kernels.short_attention(*own, bias, d ** -0.5, view)
+            out = kernel.short_attention(*own, bias, d ** -0.5, view)
             assert (view(out).float() - expected).abs().max() <= atol
             for got, want in zip(torch.autograd.grad(view(out), own, grad), expected_grads):
                 assert (got.float() - want).abs().max() <= max(atol, BF16_GRAD_REL * want.abs().max())
@@ -354,7 +344,7 @@ def test_portable_build_without_avx512_matches_sdpa(monkeypatch):
         _, want_w, _ = torch.ops.aten.convolution_backward(
             grad.float(), F.gelu(x.float()), weight, None, [1, 1], [2, 2], [1, 1], False, [0, 0], 32,
             [False, True, False])
-        torch.testing.assert_close(kernels.depthwise_backward(x, grad, weight, gelu=True)[1], want_w, atol=1e-4,
+        torch.testing.assert_close(kernel.depthwise_backward(x, grad, weight, gelu=True)[1], want_w, atol=1e-4,
                                    rtol=1e-5)
 
 

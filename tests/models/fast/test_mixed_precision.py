@@ -22,11 +22,6 @@ BF16 = torch.bfloat16
 SHORT_ARGS = dict(TINY_ARGS, embed_dims=(32, 64, 128, 128), decomposed=(True, True, True, True))
 
 
-@pytest.fixture(scope="module")
-def built():
-    assert kernels._load() is not None, "the CPU kernels failed to build (see the warning in the log)"
-
-
 class _OpDtypes(TorchDispatchMode):
     """(ATen operator name, dtype of its first tensor argument) of every call."""
 
@@ -65,7 +60,7 @@ def _plain_convs(model):
 
 
 # ------------------------------------------------------------------------------ no silent fallback
-def test_bf16_inference_takes_every_fast_path(built):
+def test_bf16_inference_takes_every_fast_path(cpu_kernels):
     torch.manual_seed(0)
     model = RMT(**SHORT_ARGS).eval()
     x = torch.randn(2, 3, 64, 96)
@@ -86,7 +81,7 @@ def test_bf16_inference_takes_every_fast_path(built):
     assert not [k for k in counts if "scaled_dot_product" in k], counts
 
 
-def test_bf16_training_takes_every_fast_path_forward_and_backward(built):
+def test_bf16_training_takes_every_fast_path_forward_and_backward(cpu_kernels):
     torch.manual_seed(0)
     model = RMT(**SHORT_ARGS).train()
     x = torch.randn(2, 3, 64, 96)
@@ -115,7 +110,7 @@ def test_bf16_training_takes_every_fast_path_forward_and_backward(built):
                for p in model.parameters())
 
 
-def test_bf16_training_runs_sdpa_in_float32(built):
+def test_bf16_training_runs_sdpa_in_float32(cpu_kernels):
     """Passes the kernel does not take (full MaSA; a head dim of 24) run the CPU flash kernel in
     float32: its bfloat16 backward is 6-9x slower."""
     torch.manual_seed(0)
@@ -157,7 +152,7 @@ def test_fused_linear_keeps_the_autocast_dtype(gelu, scaled, with_residual):
 
 
 @pytest.mark.parametrize("gelu", [False, True])
-def test_depthwise_convs_keep_the_autocast_dtype_with_the_kernel_gradient(built, gelu):
+def test_depthwise_convs_keep_the_autocast_dtype_with_the_kernel_gradient(cpu_kernels, gelu):
     torch.manual_seed(1)
     conv = nn.Conv2d(32, 32, 5, padding=2, groups=32)
     h = torch.randn(2, 32, 9, 11).contiguous(memory_format=torch.channels_last).requires_grad_()

@@ -4,16 +4,20 @@ Every fast path must give the oracle's numbers; these tests pin each one to the 
 and check that the fast kernel is the one that actually runs.
 """
 import pytest
+import timm
 import torch
+import torch._dynamo
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from golden import TINY_ARGS, TINY_CASES
+from golden import TINY_ARGS, TINY_CASES, oracle_pair
 from rmt.models import RMT
-from rmt.models.fast import ONNX_OPERATORS_AVAILABLE, Route, onnx_operators, route
+from rmt.models.fast import ONNX_OPERATORS_AVAILABLE, Route, kernel, onnx_operators, route
 from rmt.models.fast import ops as fused
+from rmt.models.reference import reference_rmt
+from rmt.tools.benchmark import PeakMemory
 
 
 @pytest.fixture
@@ -55,10 +59,8 @@ def test_fused_path_runs_in_inference_only():
 
 @pytest.mark.parametrize("case", list(TINY_CASES))
 def test_fused_model_matches_unfused_and_oracle(case, onednn_switch):
-    from test_models import _pair
-
     args = dict(TINY_CASES[case])
-    fast, oracle = _pair(args, token_label=args.pop("token_label", False))
+    fast, oracle = oracle_pair(args, token_label=args.pop("token_label", False))
     with torch.no_grad():  # non-trivial layer scales, so that folding them into the weights is tested
         for name, p in fast.named_parameters():
             if "gamma" in name:
@@ -96,11 +98,6 @@ def test_gelu_dwconv_matches_autograd_and_saves_only_its_input():
 
 def test_training_keeps_less_than_the_oracle():
     """What a training forward keeps for the backward pass (the activation memory) is <= 0.8x the oracle's."""
-    import timm
-
-    from rmt.models.reference import reference_rmt
-    from rmt.tools.benchmark import PeakMemory
-
     x = torch.randn(1, 3, 224, 224)
 
     def kept(model):
@@ -131,9 +128,7 @@ def _sdpa_kernels(model, x):
 def test_attention_takes_the_fused_cpu_kernel(decomposed, monkeypatch):
     """The CPU flash kernel runs only for 4-D inputs with a 4-D mask; otherwise torch silently uses math.
     (The compiled short-row kernel is switched off here: it would take these short rows instead.)"""
-    from rmt.models.fast import kernel as compiled
-
-    monkeypatch.setattr(compiled, "_enabled", False)
+    monkeypatch.setattr(kernel, "_enabled", False)
     model = RMT(**dict(TINY_ARGS, decomposed=decomposed)).eval()
     kernels = _sdpa_kernels(model, torch.randn(2, 3, 64, 64))
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
@@ -143,8 +138,6 @@ def test_attention_takes_the_fused_cpu_kernel(decomposed, monkeypatch):
 def test_compiles_without_graph_breaks():
     """torch.compile sees one graph (tables built in-graph, no data-dependent Python); aot_eager keeps
     the numbers."""
-    import torch._dynamo
-
     torch._dynamo.reset()
     model = RMT(**TINY_CASES["official_tiny"]).eval()
     x = torch.randn(2, 3, 64, 80)
@@ -157,8 +150,6 @@ def test_compiles_without_graph_breaks():
 
 
 def test_compiled_training_step_matches_eager():
-    import torch._dynamo
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = RMT(**TINY_CASES["official_tiny"]).train()
