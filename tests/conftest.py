@@ -9,6 +9,7 @@ import rmt  # noqa: F401  registers the models
 from golden import TINY_CASES, load_golden, official_state_dict, save_official_checkpoint
 from rmt.files import atomic_save
 from rmt.models import RMT
+from rmt.models.fast import kernel
 from rmt.models.rmt import checkpoint_filter_fn
 from rmt.models.weights import save_weights
 from rmt.training.checkpoint import Progress, RunCheckpoint
@@ -24,6 +25,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def one_line_error(capsys, code: int, expected_code: int = 2) -> str:
+    """The command's exit status is ``expected_code`` and its stderr one short ``rmt: error`` line: returns it."""
+    err = capsys.readouterr().err.strip()
+    assert code == expected_code, err
+    assert err.startswith("rmt") and "error" in err and "\n" not in err and "Traceback" not in err, err
+    assert len(err) < 1000, err[:300]
+    return err
 
 
 def write_run_checkpoint(path, model: torch.nn.Module, meta: dict, **fields):
@@ -49,6 +59,21 @@ def golden_checkpoint(tmp_path):
         return path, data, dict(TINY_CASES[name])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def official_rmt_t(tmp_path_factory):
+    """A full-size RMT-T checkpoint in the official key layout with the golden seeded weights, saved as the
+    official training script saves it."""
+    path = tmp_path_factory.mktemp("official") / "RMT-T.pth"
+    return save_official_checkpoint(path, official_state_dict(load_golden("official_keys_rmt_t")["keys"]))
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """The compiled CPU kernels of rmt.models.fast, built or found in the build cache. Where they do not build,
+    the test fails (it would otherwise pass on the PyTorch fallback)."""
+    assert kernel._load() is not None, "the CPU kernels failed to build (see the warning in the log)"
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,18 @@
-"""Reference data from the official implementation (tests/data/golden, see SOURCE.md there)."""
+"""Reference data from the official implementation (tests/fixtures/golden, see SOURCE.md there) and the helpers that
+put weights into its key layout."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
 import torch
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+from rmt.models import RMT
+from rmt.models.reference import ReferenceRMT
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 
 TINY_ARGS = dict(
     embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4), init_values=(2, 2, 2, 2),
@@ -51,14 +56,45 @@ def official_state_dict(keys) -> dict[str, torch.Tensor]:
     return out
 
 
+def official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Our state dict in the official key layout (what ``ReferenceRMT`` and the official code load): the fused
+    ``qkv`` split into ``q_proj``/``k_proj``/``v_proj`` and ``relpos`` spelt ``Relpos``. The inverse of
+    ``checkpoint_filter_fn``, written apart from it so that a test of one does not rely on the other."""
+    out = {}
+    for key, value in state_dict.items():
+        if ".qkv." in key:
+            prefix, kind = key.rsplit(".qkv.", 1)
+            for part, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.{part}_proj.{kind}"] = chunk
+        else:
+            out[key.replace(".relpos.", ".Relpos.")] = value
+    return out
+
+
+def oracle_pair(args: dict, seed: int = 0, token_label: bool = False) -> tuple[RMT, ReferenceRMT]:
+    """The fast model and the oracle (``ReferenceRMT``) with the same random weights, BN statistics and layer
+    scales moved off their initial values too."""
+    torch.manual_seed(seed)
+    fast = RMT(**args, token_label=token_label)
+    with torch.no_grad():
+        for name, buf in fast.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # move gammas/biases off their init values
+    ref = ReferenceRMT(**{k: v for k, v in args.items() if k != "drop_path_rate"}, token_label=token_label)
+    ref.load_state_dict(official_layout(fast.state_dict()))
+    return fast, ref
+
+
 def case_input(case: dict) -> torch.Tensor:
     return torch.randn(case["input_shape"], generator=torch.Generator().manual_seed(case["input_seed"]))
 
 
 def save_official_checkpoint(path: Path, state_dict: dict, wrap: str = "model", prefix: str = "") -> Path:
     """Save weights the way the official training script does (with an argparse.Namespace in ``args``)."""
-    import argparse
-
     weights = {prefix + k: v for k, v in state_dict.items()}
     payload = {wrap: weights, "epoch": 299, "args": argparse.Namespace(model="RMT_T3", lr=1e-3, input_size=224)}
     torch.save(payload, path)

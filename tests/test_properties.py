@@ -1,6 +1,8 @@
 """Property tests (hypothesis): any input size, batch and dtype; any bytes given to the image decoder."""
 import copy
 import io
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,10 +11,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from golden import TINY_ARGS
+from golden import TINY_ARGS, official_layout
+from rmt.classification.config import ClassificationConfig
+from rmt.cli import _one_line
+from rmt.data.ade20k import IGNORE_INDEX, ADE20KDataset
+from rmt.data.coco import CocoDetection, coco_split_paths, detection_transforms
 from rmt.data.image import BadImageError, load_rgb
+from rmt.data.shapes import generate_shapes
+from rmt.detection.evaluate import coco_metrics, coco_results
+from rmt.errors import RMTError
 from rmt.models import RMT
 from rmt.models.reference import ReferenceRMT
+from rmt.segmentation.evaluate import confusion_matrix
+from rmt.training.config import load_config
 
 ARGS = dict(TINY_ARGS, decomposed=(True, True, False, False), layer_scale=(False, False, True, True))
 
@@ -21,15 +32,7 @@ def _pair():
     torch.manual_seed(0)
     fast = RMT(**ARGS).eval()
     ref = ReferenceRMT(**ARGS).eval()
-    state = {}
-    for k, v in fast.state_dict().items():
-        if ".qkv." in k:
-            prefix, kind = k.rsplit(".qkv.", 1)
-            for part, chunk in zip("qkv", v.chunk(3)):
-                state[f"{prefix}.{part}_proj.{kind}"] = chunk
-        else:
-            state[k.replace(".relpos.", ".Relpos.")] = v
-    ref.load_state_dict(state)
+    ref.load_state_dict(official_layout(fast.state_dict()))
     return fast, ref
 
 
@@ -123,8 +126,6 @@ _COCO_KEYS = ["id", "image_id", "category_id", "bbox", "area", "iscrowd", "segme
 
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
-    from rmt.data.shapes import generate_shapes
-
     return generate_shapes(tmp_path_factory.mktemp("shapes"), num_train=3, num_val=1, image_size=32,
                            mask_format="mixed", max_objects=2)
 
@@ -152,8 +153,6 @@ def _corrupt_json(data, edits):
 
 
 def _one_short_line(error):
-    from rmt.cli import _one_line
-
     event("refused")
     text = _one_line(error)
     assert type(error).exit_status == 2 and "\n" not in text and len(text) <= 500, text
@@ -161,8 +160,6 @@ def _one_short_line(error):
 
 def _load_everything(root, split):
     """What training and evaluation do with a COCO split: every item with masks, and COCOeval."""
-    from rmt.data.coco import CocoDetection, coco_split_paths, detection_transforms
-    from rmt.detection.evaluate import coco_metrics, coco_results
 
     image_dir, ann = coco_split_paths(root, split)
     train = CocoDetection(image_dir, ann, transforms=detection_transforms(True), skip_empty=True)
@@ -186,11 +183,6 @@ def _load_everything(root, split):
        cut=st.one_of(st.none(), st.integers(0, 4000)),
        flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=2))
 def test_corrupted_coco_is_refused_in_one_line_or_loads(shapes_data, tmp_path_factory, edits, cut, flips):
-    import json
-    import shutil
-
-    from rmt.errors import RMTError
-
     root = tmp_path_factory.mktemp("coco")
     shutil.copytree(shapes_data / "images", root / "images")
     (root / "annotations").mkdir()
@@ -214,11 +206,7 @@ def test_corrupted_coco_is_refused_in_one_line_or_loads(shapes_data, tmp_path_fa
        value=st.integers(0, 65535), position=st.integers(0, 10**4))
 def test_corrupted_label_maps_are_refused_in_one_line_or_load_in_range(shapes_data, tmp_path_factory, which, kind,
                                                                        value, position):
-    import shutil
 
-    from rmt.data.ade20k import IGNORE_INDEX, ADE20KDataset
-    from rmt.errors import RMTError
-    from rmt.segmentation.evaluate import confusion_matrix
 
     root = tmp_path_factory.mktemp("ade")
     for part in ("images", "annotations"):
@@ -255,9 +243,6 @@ def test_corrupted_label_maps_are_refused_in_one_line_or_load_in_range(shapes_da
 def test_yaml_with_random_anchors_is_read_or_refused_in_one_line(tmp_path_factory, anchors, key, tail):
     """Each list ``i`` holds ``fan`` aliases of an earlier list: up to 12**12 values once expanded (quoting
     such a value in full was a hang, or an error line of megabytes)."""
-    from rmt.classification.config import ClassificationConfig
-    from rmt.errors import RMTError
-    from rmt.training.config import load_config
 
     lines = [f"{key}:", "  - &a0 [1]"]
     for i, (earlier, fan) in enumerate(anchors, start=1):

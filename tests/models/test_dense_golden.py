@@ -1,0 +1,160 @@
+"""Parity of the dense backbone with the official detection/segmentation code (tests/fixtures/dense_golden).
+
+The golden data were produced by the official repository's own dense code (vendored mmdet 2.11 /
+mmseg 0.13) with seeded synthetic weights: see tests/fixtures/dense_golden/README.md and make_goldens.py.
+"""
+import gzip
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from golden import official_state_dict
+from rmt.errors import RMTError
+from rmt.models.backbone import RMTBackbone, official_backbone_state
+from rmt.segmentation.models import segmentor_from_checkpoint
+
+DENSE = Path(__file__).parents[1] / "fixtures" / "dense_golden"
+REL = 1e-4  # relative tolerance on sums / values (float32 round-off)
+
+
+def load_dense_golden(name: str) -> dict:
+    with gzip.open(DENSE / f"{name}.json.gz", "rt") as f:
+        return json.load(f)
+
+
+def assert_summary(t: torch.Tensor, ref: dict, what: str) -> None:
+    """``t`` against a generator summary: shape, sum, abs-sum, first and evenly spaced values."""
+    t = t.detach().double()
+    assert list(t.shape) == ref["shape"], f"{what}: shape {list(t.shape)} != {ref['shape']}"
+    flat = t.flatten()
+    scale = ref["abs_sum"] / max(flat.numel(), 1)  # mean magnitude
+    assert abs(flat.abs().sum().item() - ref["abs_sum"]) <= REL * ref["abs_sum"], what
+    assert abs(flat.sum().item() - ref["sum"]) <= REL * ref["abs_sum"], what
+    for name, got in (("first", flat[: len(ref["first"])]), ("sample", flat[ref["sample_index"]])):
+        want = torch.tensor(ref[name], dtype=torch.float64)
+        err = (got - want).abs().max().item()
+        assert err <= REL * max(scale, want.abs().max().item()), f"{what} {name}: max abs diff {err:.3g}"
+
+
+def dense_state_dict(keys) -> dict:
+    """The golden weights of a detector/segmentor: the classification golden recipe plus the two
+    class-score adjustments of README.md ("Weights")."""
+    state = official_state_dict(keys)
+    for key in state:
+        if re.search(r"bbox_head\.\d+\.fc_cls\.weight$", key):  # cascade stages
+            state[key] = state[key] * 3.5
+        elif key.endswith("fc_cls.weight"):
+            state[key] = state[key] * 0.5
+        elif key.endswith("retina_cls.bias"):
+            state[key] = state[key] + -math.log((1 - 0.01) / 0.01)
+    return state
+
+
+def golden_backbone(variant: str, **kwargs):
+    data = load_dense_golden(f"backbone_{variant}")
+    model = RMTBackbone(f"rmt_{variant}", decomposed=data["settings"]["chunkwise_recurrents"], **kwargs)
+    model.load_state_dict(official_backbone_state(official_state_dict(data["keys"])), strict=True)
+    return model, data
+
+
+@pytest.mark.parametrize("variant", ["t", pytest.param("s", marks=pytest.mark.slow)])
+def test_backbone_eval_matches_official_dense_code(variant):
+    model, data = golden_backbone(variant)
+    case = data["eval"]
+    x = torch.randn(case["input_shape"], generator=torch.Generator().manual_seed(case["input_seed"]))
+    with torch.no_grad():
+        outs = list(model.eval()(x).values())
+    assert len(outs) == len(case["outputs"]) == 4
+    for i, (o, ref) in enumerate(zip(outs, case["outputs"])):
+        assert_summary(o, ref, f"level {i}")
+
+
+@pytest.mark.parametrize("variant", ["t", pytest.param("s", marks=pytest.mark.slow)])
+def test_backbone_train_mode_matches_official_dense_code(variant):
+    """In train mode the official BatchNorms use batch statistics (its norm_eval misses SyncBatchNorm)
+    and update their running buffers; drop path is off on both sides."""
+    model, data = golden_backbone(variant, drop_path_rate=0.0)
+    case = data["train"]
+    assert "SyncBatchNorm:True" in case["norm_modes"]
+    x = torch.randn(case["input_shape"], generator=torch.Generator().manual_seed(case["input_seed"]))
+    with torch.no_grad():
+        outs = list(model.train()(x).values())
+    for i, (o, ref) in enumerate(zip(outs, case["outputs"])):
+        assert_summary(o, ref, f"level {i}")
+    ours = model.state_dict()
+    mapped = official_backbone_state({"backbone." + k: v for k, v in case["buffers_after"].items()})
+    assert len(mapped) == len(case["buffers_after"])
+    for key, ref in mapped.items():
+        assert_summary(ours[key].double(), ref, key)
+
+
+def test_golden_check_detects_a_wrong_backbone():
+    """The comparison can fail: the same weights with stage 3 running decomposed MaSA (the official
+    RMT-T dense configs run it whole) move the features by more than the tolerance."""
+    data = load_dense_golden("backbone_t")
+    model = RMTBackbone("rmt_t", decomposed=(True, True, True, False))
+    model.load_state_dict(official_backbone_state(official_state_dict(data["keys"])), strict=True)
+    case = data["eval"]
+    x = torch.randn(case["input_shape"], generator=torch.Generator().manual_seed(case["input_seed"]))
+    with torch.no_grad():
+        out = list(model.eval()(x).values())[2]
+    with pytest.raises(AssertionError):
+        assert_summary(out, case["outputs"][2], "level 2")
+
+
+def test_official_backbone_state_keys():
+    data = load_dense_golden("backbone_t")
+    state = official_state_dict(data["keys"])
+    retina = official_backbone_state(state, out_indices=(1, 2, 3))
+    assert torch.equal(retina["norms.0.weight"], state["backbone.extra_norms.1.weight"])
+    assert not any(k.startswith("norms.3") for k in retina)
+    model = RMTBackbone("rmt_t", out_indices=(1, 2, 3))
+    model.load_state_dict(retina, strict=True)
+    with pytest.raises(RMTError, match="no official RMT backbone"):
+        official_backbone_state({"model.layers.0.x": torch.zeros(1)})
+
+
+def save_official_dense_checkpoint(path: Path, state: dict, classes, config_text: str) -> Path:
+    """A file as the official tools save it (mmcv ``save_checkpoint``; README.md of the golden data)."""
+    meta = {"mmcv_version": "1.3.8", "time": "Sun Jan  1 00:00:00 2023", "CLASSES": tuple(classes),
+            "config": config_text, "mmseg_version": "0.13.0+0000000", "epoch": 1, "iter": 160000}
+    torch.save({"meta": meta, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return path
+
+
+@pytest.mark.parametrize("name,arch", [("fpn_t", "semantic_fpn"), ("uper_t", "upernet")])
+def test_official_segmentor_file_matches_official_code(tmp_path, name, arch):
+    """An official-format segmentation checkpoint, loaded by segmentor_from_checkpoint, gives the
+    official features, decode-head logits, probabilities (after the official two resizes: to the input,
+    then to the original size) and map on the pipeline-free golden case."""
+    data = load_dense_golden(f"{name}_tensor")
+    classes = [f"c{i}" for i in range(150)]
+    path = save_official_dense_checkpoint(tmp_path / "official.pth", dense_state_dict(data["keys"]), classes,
+                                          "model = dict(type='EncoderDecoder')")
+    model, cfg, class_names = segmentor_from_checkpoint(path)
+    assert (cfg.arch, cfg.backbone, class_names) == (arch, "rmt_t", classes)
+    x = torch.randn(data["input_shape"], generator=torch.Generator().manual_seed(data["input_seed"]))
+    with torch.no_grad():
+        feats = model.backbone(x)
+        for i, (f, ref) in enumerate(zip(feats.values(), data["calls"]["backbone"][0])):
+            assert_summary(f, ref, f"backbone level {i}")
+        if model.neck is not None:
+            for i, (f, ref) in enumerate(zip(model.neck(feats).values(), data["calls"]["neck"][0])):
+                assert_summary(f, ref, f"neck level {i}")
+        _, decoded = model._features(x)
+        assert_summary(model.decode_head(decoded), data["calls"]["decode_head"][0], "decode head")
+        prob = model.inference(x, output_size=data["meta"]["ori_shape"][:2]).softmax(1)
+    assert_summary(prob, data["seg_prob"], "probabilities")
+    assert prob.argmax(1)[0].flatten().tolist() == data["seg"]
+
+
+def test_unrecognised_official_segmentor_file(tmp_path):
+    state = {"decode_head.conv_seg.weight": torch.zeros(3, 8, 1, 1), "decode_head.scale_heads.0.0.conv.weight":
+             torch.zeros(8, 8, 3, 3), "backbone.layers.0.blocks.0.retention_layer_norm.weight": torch.zeros(48)}
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "odd.pth")
+    with pytest.raises(RMTError, match="backbone not recognised"):
+        segmentor_from_checkpoint(tmp_path / "odd.pth")
