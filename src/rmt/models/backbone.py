@@ -9,7 +9,7 @@ classifier) and returns an ``OrderedDict`` of the requested stage outputs, named
 have: those norms, and nothing else, are reported as missing when ImageNet weights are loaded.
 :func:`official_backbone_state` maps the backbone of an official detection/segmentation
 checkpoint onto this module; with it the features equal the official code's (eval and train mode,
-tests/test_dense_golden.py).
+tests/models/test_dense_golden.py).
 
 Options the reference's detection and segmentation configs use: stochastic depth, which stages
 run decomposed MaSA (the variant's own choice unless ``decomposed`` overrides it), BatchNorm
