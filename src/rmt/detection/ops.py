@@ -14,19 +14,36 @@ decides which boxes come out, written so that the same weights give the same det
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torchvision.ops import nms
 
-__all__ = ["GridAnchors", "delta_to_boxes", "boxes_to_delta", "batched_nms", "multiclass_nms", "WH_RATIO_CLIP"]
+__all__ = ["ImageMeta", "MASK_THRESHOLD", "GridAnchors", "delta_to_boxes", "boxes_to_delta", "batched_nms",
+           "multiclass_nms", "WH_RATIO_CLIP"]
 
 WH_RATIO_CLIP = 16 / 1000
 """Largest width/height change of one box regression step: ``exp(+-log(1000/16))``."""
 
+MASK_THRESHOLD = 0.5
+"""A pixel belongs to an instance when its pasted mask probability is ``>= MASK_THRESHOLD`` (mmdet's
+``mask_thr_binary``)."""
+
 NMS_SPLIT = 10000
 """mmcv runs one NMS over all classes (class offsets) below this many boxes, else one per class."""
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Where one network input came from, as mmdet's ``img_metas`` carry it: what the test-time heads need to
+    clip boxes (``img_shape``) and to return them in original-image coordinates (``scale_factor``,
+    ``ori_shape``)."""
+
+    ori_shape: Tuple[int, int]  # (height, width) of the original image
+    img_shape: Tuple[int, int]  # (height, width) after resizing, before padding
+    scale_factor: torch.Tensor  # float32 [w_new / w, h_new / h, w_new / w, h_new / h]
 
 
 class GridAnchors(nn.Module):
