@@ -28,7 +28,14 @@ from rmt.runtime.accuracy import evaluate
 from rmt.runtime.classifier import Classifier
 from rmt.tools.benchmark import _OnnxRunner, _OpenVINORunner, benchmark, profile_onnx
 from rmt.tools.export import ExportVerificationError, export_form, export_model, load_exported, verify_export
-from rmt.tools.quantize import OnnxRuntimeModel, OpenVINOModel, openvino_core, quantize_linear_dynamic
+from rmt.tools.quantize import (
+    OnnxRuntimeModel,
+    OpenVINOModel,
+    load_exported_classifier,
+    openvino_core,
+    quantize_linear_dynamic,
+    read_export_metadata,
+)
 
 ATOL = 1e-4
 
@@ -428,12 +435,46 @@ def test_openvino_float_and_int8_on_the_runs_own_data(tiny, openvino_int8_export
     assert float_ops["ScaledDotProductAttention"] > 0 and not float_ops["Slice"], float_ops
     int8_ops = Counter(op.get_type_name() for op in core.read_model(str(out)).get_ops())
     assert int8_ops["FakeQuantize"] + int8_ops["FakeConvert"] > 0, int8_ops
+    assert read_export_metadata(out)["class_names"] == DigitsDataset.classes  # rmt predict reads them
+    assert read_export_metadata(out)["data_config"]["input_size"] == [3, 64, 64]
     fresh = evaluate(OpenVINOModel(out), loader, torch.device("cpu"), progress=False)
     assert fresh["top1"] == pytest.approx(q["int8_top1"])
     run = load_exported(q["float_path"])  # read back by its suffix, any batch
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert (run(images) - tiny(images)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("openvino", ".xml")])
+def test_predict_runs_an_exported_model(tiny, tiny_digits_folder, tmp_path, capsys, fmt, suffix):
+    """`rmt predict --checkpoint FILE.onnx|.xml` runs the exported graph with the class names and preprocessing the
+    export stored in it -- here a 32-px digits model exported at 64 px: images are read grey at 64 px -- and gives
+    PyTorch's probabilities."""
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    out = tmp_path / f"digits{suffix}"
+    export_model(None, out, fmt, checkpoint=tiny_digits_folder, img_size=(64, 64))
+    paths = []
+    for i in range(3):
+        pixels = torch.randint(0, 256, (20, 24, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(pixels.numpy()).save(paths[-1])
+    assert main(["predict", "--checkpoint", str(out), "--json", "--topk", "10", *map(str, paths)]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    reference = Classifier(tiny, dict(DIGITS_CONFIG, input_size=[3, 64, 64]), DigitsDataset.classes, device="cpu",
+                           amp="none")
+    for path, result in zip(paths, got):
+        probs = reference.probabilities(reference.preprocess(reference.read(path))[None])[0]
+        order = probs.argsort(descending=True).tolist()
+        assert [e["label"] for e in result["topk"]] == [DigitsDataset.classes[i] for i in order]
+        assert max(abs(e["prob"] - probs[e["index"]].item()) for e in result["topk"]) < 1e-5
+
+
+def test_predict_refuses_an_exported_model_without_our_metadata(tiny, tmp_path):
+    path = tmp_path / "foreign.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 2), (torch.randn(1, 4),), str(path), dynamo=False)
+    with pytest.raises(RMTError, match="does not say how to read images"):
+        load_exported_classifier(path)
 
 
 def test_openvino_user_errors(tiny, tmp_path, capsys):

@@ -6,9 +6,11 @@ Each command parses its flags, calls one function of this package, and prints wh
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..cliutils import non_negative_int, port_number, positive_int, print_json, print_results
 from ..runtime.classifier import iter_predictions, load_classifier
+from ..tools.quantize import EXPORTED_SUFFIXES, load_exported_classifier
 from ..training.config import add_config_flags, config_from_flags
 from .config import ClassificationConfig
 from .demo import load_demo, serve
@@ -78,7 +80,10 @@ def _describe(result) -> str:
 
 
 def _cmd_predict(args) -> int:
-    classifier = load_classifier(args.model, args.checkpoint, args.device, args.amp)
+    if Path(args.checkpoint).suffix in EXPORTED_SUFFIXES:
+        classifier = load_exported_classifier(args.checkpoint)
+    else:
+        classifier = load_classifier(args.model, args.checkpoint, args.device, args.amp)
     print(f"rmt predict: on {classifier.device} in {classifier.precision}", file=sys.stderr)
     predictions = iter_predictions(classifier, args.inputs, topk=args.topk, batch_size=args.batch_size)
     return print_results((p.to_dict() for p in predictions), "rmt predict", args.json, _describe)
@@ -93,7 +98,9 @@ def _add_predict(sub) -> None:
                     "status is 1 when any was.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched recursively")
     p.add_argument("--model", default=None, help="model name, e.g. rmt_s (default: the checkpoint's, for our files)")
-    p.add_argument("--checkpoint", required=True, help="official .pth, our .safetensors, or a run's best.pth")
+    p.add_argument("--checkpoint", required=True,
+                   help="official .pth, our .safetensors, a run's best.pth, or a model exported by rmt export (.onnx "
+                        "run in ONNX Runtime, OpenVINO .xml; float32 or int8, on the CPU)")
     p.add_argument("--topk", type=positive_int, default=None,
                    help="classes to show per image (default: 5, or all of a model with fewer)")
     p.add_argument("--json", action="store_true", help='one JSON object per image: {"path", "topk": '

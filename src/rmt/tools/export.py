@@ -69,8 +69,15 @@ from ..files import atomic_write_bytes
 from ..models.factory import checkpoint_info
 from ..models.fast import ONNX_OPERATORS_AVAILABLE, onnx_operators
 from ..models.rmt import RMT
-from ..runtime.classifier import load_classifier
-from .quantize import _openvino, check_data_folders, openvino_compiled, quantize_export, save_openvino
+from ..runtime.classifier import Classifier, load_classifier
+from .quantize import (
+    _openvino,
+    check_data_folders,
+    openvino_compiled,
+    quantize_export,
+    save_openvino,
+    write_export_metadata,
+)
 
 __all__ = ["FORMATS", "QUANTIZE", "ExportResult", "ExportVerificationError", "export_form", "export_model",
            "load_exported", "verify_export", "write_openvino"]
@@ -407,6 +414,9 @@ def export_model(
     channels = int(classifier.data_config["input_size"][0])
     h, w = img_size or classifier.data_config["input_size"][-2:]
     h, w = int(h), int(w)
+    if [h, w] != list(classifier.data_config["input_size"][-2:]):  # images are read at the size exported
+        classifier = Classifier(net, dict(classifier.data_config, input_size=[channels, h, w]),
+                                classifier.class_names, device="cpu", amp="none")
     if static or fmt == "openvino":
         dynamic_size = False
     elif dynamic_size is None:  # a trace has no shape guards: any size (checked below)
@@ -444,10 +454,13 @@ def export_model(
             raise ExportVerificationError(
                 f"{float_path} differs from the PyTorch model by up to {result.max_abs_diff:.3g} (> {atol:g}) "
                 f"on inputs {[c['shape'] for c in result.checks]}; the file is kept for inspection")
+    if fmt in ("onnx", "openvino"):  # for `rmt predict --checkpoint FILE`
+        write_export_metadata(float_path, classifier)
     if quantize:
         stored_names = checkpoint_info(checkpoint).get("class_names") if checkpoint is not None else None
         report = quantize_export(classifier, checkpoint, float_path, path, class_names=stored_names,
                                  calib_data=calib_data,
                                  eval_data=eval_data, calib_images=calib_images, progress=progress)
+        write_export_metadata(path, classifier)
         result.path, result.quantization = path, report.to_dict()
     return result

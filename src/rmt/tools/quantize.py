@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import logging
 import os
 import random
@@ -45,12 +46,13 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import BadSample, DigitsDataset, ImageFolderDataset, collate_skip_bad
 from ..data.image import BadImageError, is_image_file
 from ..errors import RMTError
-from ..files import atomic_copy
+from ..files import atomic_copy, atomic_write_bytes
 from ..runtime.accuracy import evaluate
 from ..runtime.classifier import Classifier, find_images
 from ..runtime.processes import DistInfo
 
-__all__ = ["QuantizationReport", "OnnxRuntimeModel", "OpenVINOModel", "quantize_onnx", "quantize_openvino",
+__all__ = ["QuantizationReport", "OnnxRuntimeModel", "OpenVINOModel", "write_export_metadata", "read_export_metadata",
+           "load_exported_classifier", "EXPORTED_SUFFIXES", "quantize_onnx", "quantize_openvino",
            "quantize_export", "run_datasets", "onnx_session", "openvino_compiled", "openvino_core", "save_openvino",
            "quantize_linear_dynamic"]
 
@@ -165,6 +167,63 @@ class OpenVINOModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.request.infer({0: array})[0].copy())
+
+
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+"""Exported models that :func:`load_exported_classifier` runs: ONNX (ONNX Runtime) and OpenVINO IR."""
+EXPORT_METADATA_KEY = "rmt"
+"""Name under which an exported model carries its class names and preprocessing (ONNX ``metadata_props``,
+OpenVINO ``rt_info``)."""
+
+
+def write_export_metadata(path: str | os.PathLike, classifier: Classifier) -> None:
+    """Store in the exported file itself what reading an image for it takes: the class names and the data config
+    (input size, resize, crop, mean/std, grayscale), so that ``rmt predict --checkpoint FILE`` needs nothing else."""
+    path = Path(path)
+    metadata = json.dumps({"class_names": list(classifier.class_names), "data_config": classifier.data_config})
+    if path.suffix == ".xml":
+        model = openvino_core().read_model(str(path))
+        model.set_rt_info(metadata, [EXPORT_METADATA_KEY])
+        save_openvino(model, path)
+        return
+    import onnx  # the export extra
+
+    proto = onnx.load(str(path))
+    kept = [entry for entry in proto.metadata_props if entry.key != EXPORT_METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key=EXPORT_METADATA_KEY, value=metadata)
+    atomic_write_bytes(path, proto.SerializeToString())
+
+
+def read_export_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What :func:`write_export_metadata` stored, or None (a file exported by other tools)."""
+    path = Path(path)
+    if path.suffix == ".xml":
+        model = openvino_core().read_model(str(path))
+        if not model.has_rt_info([EXPORT_METADATA_KEY]):
+            return None
+        return json.loads(model.get_rt_info([EXPORT_METADATA_KEY]).astype(str))
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    found = [entry.value for entry in proto.metadata_props if entry.key == EXPORT_METADATA_KEY]
+    return json.loads(found[-1]) if found else None
+
+
+def load_exported_classifier(path: str | os.PathLike, threads: int | None = None) -> Classifier:
+    """A :class:`Classifier` running an exported model (ONNX in ONNX Runtime, ``.xml`` in OpenVINO; float32 or
+    int8, on the CPU) with the class names and preprocessing stored in the file by ``rmt export``."""
+    path = Path(path)
+    if path.suffix not in EXPORTED_SUFFIXES or not path.is_file():
+        raise RMTError(f"{path}: not an exported model file (.onnx or OpenVINO .xml)")
+    metadata = read_export_metadata(path)
+    if metadata is None:
+        raise RMTError(f"{path} does not say how to read images for it (no '{EXPORT_METADATA_KEY}' metadata): "
+                       "export it with `rmt export`, or run the PyTorch checkpoint")
+    model = OpenVINOModel(path, threads) if path.suffix == ".xml" else OnnxRuntimeModel(path, threads)
+    model.num_classes = len(metadata["class_names"])
+    return Classifier(model, metadata["data_config"], metadata["class_names"], device="cpu", amp="none")
 
 
 @dataclass
