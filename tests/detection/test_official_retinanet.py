@@ -82,7 +82,7 @@ def _image_case(variant: str):
                                   ("head", model.head))]
     hooks.append(model.backbone.register_forward_pre_hook(lambda _m, args: recorded.__setitem__("input", args[0])))
     for file, case in data["images"].items():
-        image = torch.from_numpy(np.asarray(Image.open(DENSE / file).convert("RGB"))).permute(2, 0, 1) / 255
+        image = torch.from_numpy(np.array(Image.open(DENSE / file).convert("RGB"))).permute(2, 0, 1) / 255
         with torch.no_grad():
             detections = model([image])  # one image per batch, as the official test
         assert_summary(recorded["input"], case["input"], f"{file} input")
