@@ -26,12 +26,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from ..errors import RMTError, did_you_mean
 from ..models.backbone import RMTBackbone
@@ -39,8 +39,9 @@ from ..models.weights import read_weights
 from ..training.config import config_from_dict
 from .cascade import AgnosticBoxPredictor, CascadeRoIHeads
 from .config import ARCHS, DetConfig
+from .retinanet import RetinaNet, RMTWithRetinaFPN, retina_anchors
 
-__all__ = ["ARCHS", "build_detector", "RMTWithFPN", "BackgroundFreeRetinaNet", "has_masks", "detector_kwargs",
+__all__ = ["ARCHS", "build_detector", "RMTWithFPN", "has_masks", "detector_kwargs",
            "detector_from_checkpoint"]
 
 
@@ -55,19 +56,6 @@ class RMTWithFPN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return self.fpn(self.body(x))
-
-
-class BackgroundFreeRetinaNet(RetinaNet):
-    """torchvision's RetinaNet with a class 0 that is never predicted.
-
-    RetinaNet has no background class (sigmoid scores), but the detectors here share the label space
-    ``1..K`` with 0 as the background; class 0's logit is dropped before decoding.
-    """
-
-    def postprocess_detections(self, head_outputs, anchors, image_sizes):
-        logits = [c.index_fill(-1, torch.tensor([0], device=c.device), float("-inf"))
-                  for c in head_outputs["cls_logits"]]
-        return super().postprocess_detections(dict(head_outputs, cls_logits=logits), anchors, image_sizes)
 
 
 def has_masks(model: nn.Module) -> bool:
@@ -149,9 +137,8 @@ def build_detector(arch: str, backbone: str = "rmt_t", num_classes: int = 80,
     width = int(neck_channels)
     if arch == "retinanet":
         body = RMTBackbone(backbone, out_indices=(1, 2, 3), weights=backbone_weights, **backbone_kwargs)
-        fpn = RMTWithFPN(body, width, LastLevelP6P7(body.out_channels[-1], width))
-        return BackgroundFreeRetinaNet(fpn, classes, anchor_generator=_anchors(anchor_sizes, octaves=True),
-                                       **_checked_kwargs(RetinaNet, detector_kwargs))
+        return RetinaNet(RMTWithRetinaFPN(body, width), num_classes, anchor_generator=retina_anchors(anchor_sizes),
+                         **_checked_kwargs(RetinaNet, detector_kwargs))
     body = RMTBackbone(backbone, out_indices=(0, 1, 2, 3), weights=backbone_weights, **backbone_kwargs)
     fpn = RMTWithFPN(body, width, LastLevelMaxPool())
     anchors = _anchors(anchor_sizes, octaves=False)
