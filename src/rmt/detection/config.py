@@ -1,5 +1,5 @@
-"""The detection / instance segmentation config (the official detectors on torchvision's frame, epoch-based): the shared dense
-fields (rmt.training.config.DenseRunConfig) plus the detector, its schedule and its data.
+"""The detection / instance segmentation config (the official detectors on torchvision's frame, epoch-based):
+the shared dense fields (rmt.training.config.DenseRunConfig) plus the detector, its schedule and its data.
 
 Bundled files are ``configs/detection/<name>.yaml`` (``shapes``, ``mask_rcnn_1x``, ...); a file may
 name another with ``base:``.

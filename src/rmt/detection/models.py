@@ -45,8 +45,15 @@ from ..training.config import config_from_dict
 from .cascade import CascadeRoIHeads
 from .config import ARCHS, DetConfig
 from .ops import GridAnchors, ImageMeta
-from .rcnn import (ANCHOR_STRIDES, ConvFCBoxHead, FCNMaskHead, RegionProposalNetwork, RPNHead, StandardRoIHeads,
-                   check_anchor_sizes)
+from .rcnn import (
+    ANCHOR_STRIDES,
+    ConvFCBoxHead,
+    FCNMaskHead,
+    RegionProposalNetwork,
+    RPNHead,
+    StandardRoIHeads,
+    check_anchor_sizes,
+)
 from .transform import DetectionTransform
 
 __all__ = ["ARCHS", "build_detector", "RMTWithFPN", "RCNN", "BackgroundFreeRetinaNet", "has_masks",
