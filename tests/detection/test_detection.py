@@ -1,18 +1,20 @@
-"""Detection: the four torchvision detectors on RMT, the cascade, COCO AP, configs, and the `rmt det` CLI."""
+"""Detection: the four detectors on RMT, the cascade, COCO AP, configs, and the `rmt det` CLI."""
 import csv
 import json
 
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from rmt.cli import main
 from rmt.data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
 from rmt.data.shapes import generate_shapes
-from rmt.detection.cascade import CASCADE_IOUS, CascadeRoIHeads
+from rmt.detection.cascade import CASCADE_IOUS, CASCADE_STDS, CascadeRoIHeads
 from rmt.detection.config import DetConfig
 from rmt.detection.evaluate import coco_metrics, coco_results
 from rmt.detection.models import ARCHS, build_detector
+from rmt.detection.ops import ImageMeta
 from rmt.errors import RMTError
 from rmt.training.checkpoint import read_run_checkpoint
 from rmt.training.config import bundled_configs, load_config
@@ -45,8 +47,8 @@ def test_detector_train_step_and_eval_forward(arch, batch):
     losses = model(images, targets)
     expected = {"retinanet": {"classification", "bbox_regression"}}.get(arch, {"loss_objectness", "loss_rpn_box_reg"})
     assert expected <= set(losses) and all(torch.isfinite(v) for v in losses.values())
-    if "mask" in arch:
-        assert "loss_mask" in losses
+    if "mask" in arch:  # the cascade: one per stage (loss_mask_s1...)
+        assert any(k.startswith("loss_mask") for k in losses)
     sum(losses.values()).backward()
     assert model.backbone.body.norms[0].weight.grad is not None
     model.eval()
@@ -67,32 +69,47 @@ def test_cascade_has_three_stages_at_rising_iou(batch):
     heads = model.roi_heads
     assert isinstance(heads, CascadeRoIHeads) and heads.num_stages == 3
     assert CASCADE_IOUS == (0.5, 0.6, 0.7)
-    assert [(m.high_threshold, m.low_threshold) for m in heads.matchers] == [(0.5, 0.5), (0.6, 0.6), (0.7, 0.7)]
+    assert [(s.matcher.high_threshold, s.matcher.low_threshold) for s in heads.samplers] == [(0.5, 0.5), (0.6, 0.6),
+                                                                                              (0.7, 0.7)]
     assert heads.stage_loss_weights == (1.0, 0.5, 0.25)
-    assert len(heads.box_heads) == len(heads.box_predictors) == 3
-    assert [c.weights for c in heads.box_coders] == [(10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0),
-                                                     (30.0, 30.0, 15.0, 15.0)]
+    assert heads.stds == CASCADE_STDS == ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
+    assert len(heads.box_heads) == len(heads.mask_heads) == 3
+    # 4conv1fc heads with class-specific regression and the background as the last class
+    assert len(heads.box_heads[0].shared_convs) == 4 and len(heads.box_heads[0].shared_fcs) == 1
+    assert heads.box_heads[0].fc_cls.out_features == 4 and heads.box_heads[0].fc_reg.out_features == 12
     model.train()
     losses = model(*batch)
-    assert {f"loss_classifier_s{i}" for i in (1, 2, 3)} | {f"loss_box_reg_s{i}" for i in (1, 2, 3)} <= set(losses)
-    # the later stages see the earlier stages' refined boxes: a gt box passes through unchanged
-    # when the regression is zero, so each stage labels its own copy as foreground
+    assert {f"loss_{kind}_s{i}" for kind in ("classifier", "box_reg", "mask") for i in (1, 2, 3)} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # zero deltas leave a (clipped) RoI where it is
     _, targets = batch
-    for predictor in heads.box_predictors:
-        torch.nn.init.zeros_(predictor.bbox_pred.weight)
-        torch.nn.init.zeros_(predictor.bbox_pred.bias)
     gt = [t["boxes"] for t in targets]
-    refined = heads._refine(0, torch.zeros(sum(len(b) for b in gt), 4), gt, [(64, 64)] * 2)
+    metas = [ImageMeta((64, 64), (64, 64), torch.ones(4))] * 2
+    refined = heads.refine(2, gt, torch.zeros(sum(len(b) for b in gt), 12), torch.zeros(sum(len(b) for b in gt),
+                                                                                        dtype=torch.int64), metas)
     assert all(torch.allclose(a, b) for a, b in zip(refined, gt))
 
 
-def test_giou_box_loss_and_bad_arguments(batch):
-    model = build_detector("cascade_mask_rcnn", num_classes=3, box_loss="giou", **TINY, **RCNN_TINY).train()
-    assert torch.isfinite(model(*batch)["loss_box_reg_s3"])
+def test_bad_arguments():
     with pytest.raises(RMTError, match="unknown detector"):
         build_detector("mask_rcnnn", num_classes=3)
     with pytest.raises(RMTError, match="no option"):
         build_detector("faster_rcnn", num_classes=3, bogus=1, **TINY)
+    with pytest.raises(RMTError, match="one scale times the level strides"):
+        build_detector("mask_rcnn", num_classes=3, anchor_sizes=(32, 40, 128, 256, 512))
+
+
+def test_rcnn_heads_have_the_official_layout():
+    """Background-last classifier, class-specific deltas, one mask channel per class; RPN anchors 8 x stride."""
+    model = build_detector("mask_rcnn", num_classes=3, min_size=(64,), max_size=64)
+    head = model.roi_heads.box_head
+    assert (head.fc_cls.out_features, head.fc_reg.out_features) == (4, 12)
+    assert model.roi_heads.mask_head.conv_logits.out_channels == 3
+    anchors = model.rpn.anchors
+    assert anchors.strides == (4, 8, 16, 32, 64)
+    sizes = (anchors.base_anchors[:, 1, 2] - anchors.base_anchors[:, 1, 0]).tolist()  # ratio 1
+    assert sizes == [32.0, 64.0, 128.0, 256.0, 512.0]
+    assert not hasattr(build_detector("faster_rcnn", num_classes=3, **TINY).roi_heads, "mask_heads")
 
 
 def test_coco_ap_of_ground_truth_is_one(shapes):
@@ -110,8 +127,15 @@ def test_coco_ap_of_ground_truth_is_one(shapes):
     metrics = coco_metrics(ds.coco, results, ids, ["bbox", "segm"])
     assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["bbox_AP50"] == pytest.approx(1.0)
     assert metrics["segm_AP"] == pytest.approx(1.0)
+    # a pixel whose probability equals the threshold is in the mask (mmdet's mask_thr_binary, >=)
+    half = dict(outputs[0], masks=torch.full_like(outputs[0]["masks"], 0.5))
+    assert mask_area(coco_results([half], ids[:1], ds.category_ids)[0]) == half["masks"][0].numel()
     # nothing detected: AP 0, not an error
     assert coco_metrics(ds.coco, [], ids, ["bbox"])["bbox_AP"] == 0.0
+
+
+def mask_area(result):
+    return int(mask_utils.area(result["segmentation"]))
 
 
 def test_paper_schedule_configs():
@@ -122,7 +146,7 @@ def test_paper_schedule_configs():
     three = load_config(DetConfig, "configs/detection/mask_rcnn_3x.yaml")
     assert (three.epochs, three.lr_steps, min(three.min_size), max(three.min_size)) == (36, [27, 33], 480, 800)
     cascade = load_config(DetConfig, "cascade_mask_rcnn_3x")
-    assert (cascade.arch, cascade.epochs, cascade.box_head) == ("cascade_mask_rcnn", 36, "4conv1fc")
+    assert (cascade.arch, cascade.epochs, cascade.rpn_post_nms_train) == ("cascade_mask_rcnn", 36, 2000)
     with pytest.raises(RMTError, match="unknown config key"):
         load_config(DetConfig, None, {"epoch": 3})
     with pytest.raises(RMTError, match="arch must be one of"):

@@ -1,5 +1,5 @@
-"""The detection / instance segmentation config (torchvision detectors, epoch-based): the shared dense
-fields (rmt.training.config.DenseRunConfig) plus the detector, its schedule and its data.
+"""The detection / instance segmentation config (the official detectors on torchvision's frame, epoch-based):
+the shared dense fields (rmt.training.config.DenseRunConfig) plus the detector, its schedule and its data.
 
 Bundled files are ``configs/detection/<name>.yaml`` (``shapes``, ``mask_rcnn_1x``, ...); a file may
 name another with ``base:``.
@@ -35,11 +35,8 @@ class DetConfig(DenseRunConfig):
                                         "uses the last", check="positive")
     max_size: int = option(1333, "longest side after resizing", check="positive")
     hflip: float = option(0.5, "horizontal flip probability in training", check="probability")
-    anchor_sizes: List[int] = option([32, 64, 128, 256, 512], "anchor size per pyramid level", check="positive")
-    box_head: str = option("auto", "R-CNN box head: 2fc (two 1024-d FCs), 4conv1fc (4 convs + BN + 1 FC), or auto "
-                                   "(4conv1fc for the cascade, else 2fc)", choices=("auto", "2fc", "4conv1fc"))
-    box_loss: str = option("smooth_l1", "cascade box loss: smooth_l1 on deltas, or giou on decoded boxes",
-                           choices=("smooth_l1", "giou"))
+    anchor_sizes: List[int] = option([32, 64, 128, 256, 512], "anchor size per pyramid level (R-CNN: one scale times "
+                                     "the strides 4-64)", check="positive")
     neck_channels: int = option(256, "FPN width; the RoI heads' widths follow it (256 in the paper's configs)",
                                 check="positive")
     rpn_post_nms_train: int = option(2000, "RPN proposals kept per image in training", check="positive")

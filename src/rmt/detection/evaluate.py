@@ -25,6 +25,7 @@ from ..runtime.precision import autocast
 from ..runtime.processes import DistInfo, ShardSampler, all_gather_objects, resolve_device
 from ..runtime.progress import progress_bar
 from .models import detector_from_checkpoint, has_masks
+from .ops import MASK_THRESHOLD
 
 __all__ = ["evaluate", "evaluate_checkpoint", "coco_results", "coco_metrics", "STAT_NAMES"]
 
@@ -32,8 +33,9 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def coco_results(outputs: Sequence[Dict[str, torch.Tensor]], image_ids: Sequence[int], category_ids: Sequence[int],
-                 mask_threshold: float = 0.5) -> List[Dict[str, Any]]:
-    """torchvision detections -> COCO result entries (``bbox`` in xywh, ``segmentation`` as RLE).
+                 mask_threshold: float = MASK_THRESHOLD) -> List[Dict[str, Any]]:
+    """Detections -> COCO result entries (``bbox`` in xywh, ``segmentation`` as RLE of the pixels whose mask
+    probability is ``>= mask_threshold``, as mmdet's ``mask_thr_binary``).
 
     ``category_ids[label - 1]`` is the COCO category of label ``label``.
     """
@@ -48,7 +50,7 @@ def coco_results(outputs: Sequence[Dict[str, torch.Tensor]], image_ids: Sequence
         scores, labels = out["scores"].float().cpu().tolist(), out["labels"].cpu().tolist()
         masks = None
         if "masks" in out:
-            masks = (out["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+            masks = (out["masks"][:, 0] >= mask_threshold).cpu().numpy().astype(np.uint8)
         for k, (box, score, label) in enumerate(zip(xywh, scores, labels)):
             entry = dict(image_id=int(image_id), category_id=int(category_ids[label - 1]),
                          bbox=[round(v, 2) for v in box], score=round(float(score), 5))

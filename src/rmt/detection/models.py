@@ -1,48 +1,63 @@
-"""torchvision detectors on an RMT backbone with an FPN neck.
+"""Detectors on an RMT backbone with an FPN neck: the official RMT COCO models (mmdet 2.11 configs in the
+official repository's ``detect/configs``), on torchvision's detection frame.
 
-``build_detector(arch, backbone="rmt_t", num_classes=80)`` returns a torchvision model with the
-usual contract: ``model(images, targets)`` in train mode returns a dict of losses; in eval mode
-``model(images)`` returns one ``{"boxes", "labels", "scores"[, "masks"]}`` dict per image, in the
-original image coordinates. ``images`` are float ``(3, H, W)`` tensors in [0, 1] of any size: the
-model normalises (ImageNet mean/std), resizes (short side ``min_size`` -- one picked at random per
-image in training when several are given --, long side at most ``max_size``) and pads them.
+``build_detector(arch, backbone="rmt_t", num_classes=80)`` returns a model with torchvision's contract:
+``model(images, targets)`` in train mode returns a dict of losses; in eval mode ``model(images)`` returns
+one ``{"boxes", "labels", "scores"[, "masks"]}`` dict per image, in original-image coordinates (``masks``:
+``(K, 1, H, W)`` probabilities; a pixel is in the instance when ``>= rmt.detection.ops.MASK_THRESHOLD``).
+``images`` are float ``(3, H, W)`` tensors in [0, 1] of any size; :class:`rmt.detection.transform.
+DetectionTransform` resizes, normalises and pads them as the official test pipeline does.
 
-Labels are ``1..num_classes``; 0 is the background (RetinaNet included, so that all detectors
-share one label space).
+Labels are ``1..num_classes`` (the official 0-based label + 1); 0 is the background (never predicted). The class-specific
+layers keep the official layout (R-CNN ``fc_cls``: background LAST), and :func:`official_rcnn_state` maps an
+official mmdet state dict onto our R-CNN models key for key.
 
-==================  ==========================================================================
-``faster_rcnn``     FPN P2-P6 (max-pool P6), RPN, RoIAlign 7x7, two-FC box head
-``mask_rcnn``       Faster R-CNN + mask head (4 convs, RoIAlign 14x14, 28x28 masks)
-``cascade_mask_rcnn``  three box stages at IoU 0.5/0.6/0.7 (:mod:`rmt.detection.cascade`) + mask head
-``retinanet``       FPN P3-P7 (P6 from C5, as the reference's ``add_extra_convs='on_input'``), focal loss
-==================  ==========================================================================
+======================  ==================================================================================
+``faster_rcnn``         FPN P2-P6 (max-pool P6), RPN (anchors 8 x stride), RoIAlign 7x7, Shared2FC box head
+``mask_rcnn``           Faster R-CNN + FCN mask head (4 convs, RoIAlign 14x14, 28x28 masks) = ``maskrcnn_*_1x``
+``cascade_mask_rcnn``   three 4conv1fc box stages and three mask heads (:mod:`rmt.detection.cascade`) =
+                        ``casrcnn_*_3x``
+``retinanet``           FPN P3-P7 (P6, P7 stride-2 convs on C5, P6), focal loss (:mod:`rmt.detection.retinanet`) =
+                        ``retinanet_*_1x``
+======================  ==================================================================================
+
+The R-CNN parts are in :mod:`rmt.detection.rcnn`, with what they compute at test time and in training.
 """
 from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN, MaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from ..errors import RMTError, did_you_mean
-from ..models.backbone import RMTBackbone
+from ..models.backbone import RMTBackbone, official_backbone_state
 from ..models.weights import read_weights
 from ..training.config import config_from_dict
-from .cascade import AgnosticBoxPredictor, CascadeRoIHeads
+from .cascade import CascadeRoIHeads
 from .config import ARCHS, DetConfig
+from .ops import GridAnchors, ImageMeta
+from .rcnn import (
+    ANCHOR_STRIDES,
+    ConvFCBoxHead,
+    FCNMaskHead,
+    RegionProposalNetwork,
+    RPNHead,
+    StandardRoIHeads,
+    check_anchor_sizes,
+)
 from .retinanet import RetinaNet, RMTWithRetinaFPN, retina_anchors
+from .transform import DetectionTransform
 
-__all__ = ["ARCHS", "build_detector", "RMTWithFPN", "has_masks", "detector_kwargs",
-           "detector_from_checkpoint"]
+__all__ = ["ARCHS", "build_detector", "RMTWithFPN", "RCNN", "has_masks", "detector_kwargs", "detector_from_checkpoint",
+           "official_rcnn_state", "RCNN_OPTIONS"]
 
 
 class RMTWithFPN(nn.Module):
@@ -64,24 +79,6 @@ def has_masks(model: nn.Module) -> bool:
     return roi_heads is not None and roi_heads.has_mask()
 
 
-def _anchors(sizes: Sequence[int], octaves: bool) -> AnchorGenerator:
-    if octaves:  # RetinaNet: three scales per octave at each level
-        per_level = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes)
-    else:
-        per_level = tuple((int(s),) for s in sizes)
-    return AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(per_level))
-
-
-def _box_head(kind: str, channels: int = 256, resolution: int = 7) -> nn.Module:
-    """R-CNN box head; its widths scale with the FPN's (256 -> 256-channel convs, 1024-d FCs)."""
-    if kind == "2fc":
-        return TwoMLPHead(channels * resolution ** 2, 4 * channels)
-    if kind == "4conv1fc":
-        return FastRCNNConvFCHead((channels, resolution, resolution), [channels] * 4, [4 * channels],
-                                  norm_layer=nn.BatchNorm2d)
-    raise RMTError(f"box_head must be '2fc' or '4conv1fc', got {kind!r}")
-
-
 def _checked_kwargs(cls, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Detector keyword arguments, checked against what ``cls`` and its parents accept."""
     accepted = set()
@@ -95,12 +92,75 @@ def _checked_kwargs(cls, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return kwargs
 
 
+class RCNN(GeneralizedRCNN):
+    """A two-stage detector: ``transform`` (:class:`DetectionTransform`), ``backbone`` (:class:`RMTWithFPN`),
+    ``rpn`` (:class:`rmt.detection.rcnn.RegionProposalNetwork`) and ``roi_heads``
+    (:class:`rmt.detection.rcnn.StandardRoIHeads` or :class:`rmt.detection.cascade.CascadeRoIHeads`), which
+    get the images' :class:`rmt.detection.ops.ImageMeta` to clip boxes and rescale them."""
+
+    def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
+        if self.training and targets is None:
+            raise ValueError("targets are needed in training")
+        image_list, targets = self.transform(images, targets)
+        return self.forward_prepared(image_list.tensors, image_list.metas, targets)
+
+    def forward_prepared(self, batch: torch.Tensor, metas: List[ImageMeta],
+                         targets: Optional[List[Dict[str, torch.Tensor]]] = None):
+        """:meth:`forward` on an already prepared batch ``(B, 3, H, W)`` with its metas (mmdet's
+        ``simple_test(img, img_metas, rescale=True)`` in eval)."""
+        features = list(self.backbone(batch).values())
+        proposals, rpn_losses = self.rpn(features, metas, targets)
+        detections, roi_losses = self.roi_heads(features[:-1], proposals, metas, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return detections
+
+
+RCNN_OPTIONS: Dict[str, Any] = dict(
+    min_size=(800,), max_size=1333, rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
+    rpn_post_nms_top_n_train=None, rpn_post_nms_top_n_test=1000, rpn_nms_thresh=0.7, rpn_batch_size_per_image=256,
+    rpn_positive_fraction=0.5, box_batch_size_per_image=512, box_positive_fraction=0.25, box_score_thresh=0.05,
+    box_nms_thresh=0.5, box_detections_per_img=100)
+"""The R-CNN options of :func:`build_detector` and their defaults: the official test and training settings
+(``rpn_post_nms_top_n_train`` None: 1000, the cascade's 2000; ``rpn_pre_nms_top_n_*`` per pyramid level)."""
+
+
+def _build_rcnn(arch: str, fpn: RMTWithFPN, num_classes: int, anchor_sizes: Sequence[float], width: int,
+                options: Dict[str, Any]) -> RCNN:
+    unknown = set(options) - set(RCNN_OPTIONS)
+    for key in sorted(unknown):
+        raise RMTError(f"{arch} has no option {key!r}{did_you_mean(key, RCNN_OPTIONS)}")
+    opts = {**RCNN_OPTIONS, **options}
+    try:
+        scale = check_anchor_sizes(anchor_sizes)
+    except ValueError as e:
+        raise RMTError(str(e)) from None
+    cascade = arch == "cascade_mask_rcnn"
+    post_train = opts["rpn_post_nms_top_n_train"] or (2000 if cascade else 1000)
+    rpn = RegionProposalNetwork(
+        RPNHead(width), GridAnchors(ANCHOR_STRIDES, scales=(scale,)),
+        dict(training=opts["rpn_pre_nms_top_n_train"], testing=opts["rpn_pre_nms_top_n_test"]),
+        dict(training=post_train, testing=opts["rpn_post_nms_top_n_test"]), opts["rpn_nms_thresh"],
+        opts["rpn_batch_size_per_image"], opts["rpn_positive_fraction"], box_loss="smooth_l1" if cascade else "l1")
+    # the heads' widths follow the FPN's: 256 -> 256-channel convs and 1024-d FCs, as the configs
+    test = dict(score_thresh=opts["box_score_thresh"], nms_thresh=opts["box_nms_thresh"],
+                detections_per_img=opts["box_detections_per_img"],
+                batch_size_per_image=opts["box_batch_size_per_image"], positive_fraction=opts["box_positive_fraction"])
+    if cascade:
+        box_heads = [ConvFCBoxHead(num_classes, width, num_convs=4, num_fcs=1, conv_channels=width,
+                                   fc_channels=4 * width) for _ in range(3)]
+        roi_heads = CascadeRoIHeads(box_heads, [FCNMaskHead(num_classes, width, width) for _ in range(3)], **test)
+    else:
+        mask_head = FCNMaskHead(num_classes, width, width) if arch == "mask_rcnn" else None
+        roi_heads = StandardRoIHeads(ConvFCBoxHead(num_classes, width, fc_channels=4 * width), mask_head, **test)
+    return RCNN(fpn, rpn, roi_heads, DetectionTransform(tuple(opts["min_size"]), opts["max_size"]))
+
+
 def build_detector(arch: str, backbone: str = "rmt_t", num_classes: int = 80,
                    backbone_weights: Optional[str | os.PathLike] = None,
-                   anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
-                   box_head: Optional[str] = "auto", box_loss: str = "smooth_l1", neck_channels: int = 256,
+                   anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), neck_channels: int = 256,
                    backbone_kwargs: Optional[Dict[str, Any]] = None, **detector_kwargs) -> nn.Module:
-    """A torchvision detector with an RMT backbone (see the module docstring).
+    """A detector with an RMT backbone (see the module docstring).
 
     Args:
         arch: ``mask_rcnn``, ``faster_rcnn``, ``retinanet`` or ``cascade_mask_rcnn``.
@@ -108,18 +168,16 @@ def build_detector(arch: str, backbone: str = "rmt_t", num_classes: int = 80,
         num_classes: object classes, without the background.
         backbone_weights: ImageNet weights for the backbone; the load report (missing/unexpected
             keys) is logged and kept in ``model.backbone.body.load_report``.
-        anchor_sizes: anchor size at each pyramid level (5 levels; RetinaNet adds two octave steps).
-        box_head: R-CNN box head: ``2fc`` (two 1024-d FCs) or ``4conv1fc`` (4 convs with BatchNorm
-            and one FC); ``auto``/None: ``4conv1fc`` for the cascade (as the reference), else ``2fc``.
-        box_loss: cascade box loss, ``smooth_l1`` or ``giou``.
+        anchor_sizes: anchor size at each pyramid level (5 levels); for the R-CNNs one scale times the
+            strides 4-64 (the configs: 8, i.e. 32-512).
         neck_channels: FPN width (256 in the reference); the RoI heads follow it (box-head FCs
             ``4 * neck_channels`` wide, mask-head and conv box-head convs ``neck_channels``). Smaller
             values make CPU demos affordable.
         backbone_kwargs: :class:`rmt.models.RMTBackbone` options (``frozen_stages``, ``norm_eval``,
             ``drop_path_rate``, ``decomposed``, ``grad_checkpointing``).
-        detector_kwargs: torchvision options (``min_size``, ``max_size``, ``box_score_thresh``,
-            ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ...; for RetinaNet
-            ``score_thresh``, ``detections_per_img``, ...).
+        detector_kwargs: for the R-CNNs :data:`RCNN_OPTIONS` (``min_size``, ``max_size``,
+            ``box_score_thresh``, ``rpn_post_nms_top_n_test``, ...); for RetinaNet :class:`rmt.detection.retinanet.RetinaNet`'s options
+            (``score_thresh``, ``detections_per_img``, ...).
     """
     if arch not in ARCHS:
         raise RMTError(f"unknown detector {arch!r}{did_you_mean(arch, ARCHS)}; choose from {', '.join(ARCHS)}")
@@ -129,44 +187,18 @@ def build_detector(arch: str, backbone: str = "rmt_t", num_classes: int = 80,
         raise RMTError(f"anchor_sizes needs one size per pyramid level (5), got {list(anchor_sizes)}")
     if "min_size" in detector_kwargs:
         detector_kwargs["min_size"] = tuple(detector_kwargs["min_size"]) if isinstance(
-            detector_kwargs["min_size"], (list, tuple)) else detector_kwargs["min_size"]
+            detector_kwargs["min_size"], (list, tuple)) else (detector_kwargs["min_size"],)
     if neck_channels < 1:
         raise RMTError(f"neck_channels must be positive, got {neck_channels}")
     backbone_kwargs = dict(backbone_kwargs or {})
-    classes = num_classes + 1  # + background
     width = int(neck_channels)
     if arch == "retinanet":
         body = RMTBackbone(backbone, out_indices=(1, 2, 3), weights=backbone_weights, **backbone_kwargs)
         return RetinaNet(RMTWithRetinaFPN(body, width), num_classes, anchor_generator=retina_anchors(anchor_sizes),
                          **_checked_kwargs(RetinaNet, detector_kwargs))
     body = RMTBackbone(backbone, out_indices=(0, 1, 2, 3), weights=backbone_weights, **backbone_kwargs)
-    fpn = RMTWithFPN(body, width, LastLevelMaxPool())
-    anchors = _anchors(anchor_sizes, octaves=False)
-    if box_head in (None, "auto"):
-        box_head = "4conv1fc" if arch == "cascade_mask_rcnn" else "2fc"
-    # torchvision takes num_classes=None when the predictors are given (they carry the class count)
-    if arch == "faster_rcnn":
-        return FasterRCNN(fpn, None, rpn_anchor_generator=anchors, box_head=_box_head(box_head, width),
-                          box_predictor=FastRCNNPredictor(4 * width, classes),
-                          **_checked_kwargs(FasterRCNN, detector_kwargs))
-    mask_parts = dict(mask_head=MaskRCNNHeads(width, [width] * 4, 1),
-                      mask_predictor=MaskRCNNPredictor(width, width, classes))
-    if arch == "mask_rcnn":
-        return MaskRCNN(fpn, None, rpn_anchor_generator=anchors, box_head=_box_head(box_head, width),
-                        box_predictor=FastRCNNPredictor(4 * width, classes), **mask_parts,
-                        **_checked_kwargs(MaskRCNN, detector_kwargs))
-    # cascade: a Mask R-CNN whose RoI heads are replaced by the cascade's (the placeholders are never used)
-    model = MaskRCNN(fpn, None, rpn_anchor_generator=anchors, box_head=nn.Identity(), box_predictor=nn.Identity(),
-                     **mask_parts, **_checked_kwargs(MaskRCNN, detector_kwargs))
-    rh = model.roi_heads
-    heads = [_box_head(box_head, width) for _ in range(3)]
-    model.roi_heads = CascadeRoIHeads(
-        rh.box_roi_pool, heads, [AgnosticBoxPredictor(4 * width, classes) for _ in heads], box_loss=box_loss,
-        batch_size_per_image=rh.fg_bg_sampler.batch_size_per_image,
-        positive_fraction=rh.fg_bg_sampler.positive_fraction,
-        score_thresh=rh.score_thresh, nms_thresh=rh.nms_thresh, detections_per_img=rh.detections_per_img,
-        mask_roi_pool=rh.mask_roi_pool, mask_head=rh.mask_head, mask_predictor=rh.mask_predictor)
-    return model
+    return _build_rcnn(arch, RMTWithFPN(body, width, LastLevelMaxPool()), num_classes, anchor_sizes, width,
+                       detector_kwargs)
 
 
 def detector_kwargs(cfg) -> Dict[str, Any]:
@@ -181,10 +213,39 @@ def detector_kwargs(cfg) -> Dict[str, Any]:
         kwargs.update(score_thresh=cfg.score_thresh, detections_per_img=cfg.detections_per_img)
     else:
         kwargs.update(box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
-                      box_batch_size_per_image=cfg.box_batch_size_per_image, box_head=cfg.box_head,
-                      rpn_post_nms_top_n_train=cfg.rpn_post_nms_train, rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
-                      box_loss=cfg.box_loss)
+                      box_batch_size_per_image=cfg.box_batch_size_per_image,
+                      rpn_post_nms_top_n_train=cfg.rpn_post_nms_train, rpn_post_nms_top_n_test=cfg.rpn_post_nms_test)
     return kwargs
+
+
+_OFFICIAL_RCNN_KEYS = (
+    (re.compile(r"neck\.lateral_convs\.(\d+)\.conv\."), r"backbone.fpn.inner_blocks.\1.0."),
+    (re.compile(r"neck\.fpn_convs\.(\d+)\.conv\."), r"backbone.fpn.layer_blocks.\1.0."),
+    (re.compile(r"rpn_head\."), "rpn.head."),
+    (re.compile(r"roi_head\.bbox_head\.(\d+)\."), r"roi_heads.box_heads.\1."),
+    (re.compile(r"roi_head\.bbox_head\."), "roi_heads.box_head."),
+    (re.compile(r"roi_head\.mask_head\.(\d+)\."), r"roi_heads.mask_heads.\1."),
+    (re.compile(r"roi_head\.mask_head\."), "roi_heads.mask_head."),
+)
+
+
+def official_rcnn_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An official mmdet Faster / Mask / Cascade Mask R-CNN state dict (``backbone.``, ``neck.``,
+    ``rpn_head.``, ``roi_head.`` keys) as our :func:`build_detector` model's keys. The layers keep their
+    layout (the class-specific ones included); an unknown key is an error."""
+    out = {"backbone.body." + k: v for k, v in official_backbone_state(state_dict).items()}
+    for key, value in state_dict.items():
+        if key.startswith("backbone."):
+            continue
+        for pattern, replacement in _OFFICIAL_RCNN_KEYS:
+            new, count = pattern.subn(replacement, key, count=1)
+            if count and pattern.match(key):
+                out[new] = value
+                break
+        else:
+            raise RMTError(f"unexpected key {key!r} in an official R-CNN state dict (expected backbone., neck., "
+                           "rpn_head. or roi_head. keys)")
+    return out
 
 
 def detector_from_checkpoint(path: str | os.PathLike) -> Tuple[nn.Module, DetConfig, List[str]]:

@@ -16,6 +16,7 @@ from ..errors import RMTError
 from ..runtime.draw import draw_detections, images_to_draw, save_picture
 from ..runtime.processes import resolve_device
 from .models import detector_from_checkpoint
+from .ops import MASK_THRESHOLD
 
 __all__ = ["predict"]
 
@@ -44,13 +45,15 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike],
         det = {k: v.cpu() for k, v in model([tensor.to(torch_device)])[0].items()}
         keep = det["scores"] >= score_thresh
         det = {k: v[keep] for k, v in det.items()}
+        if "masks" in det:  # probabilities -> the instance's pixels, as mmdet's mask_thr_binary
+            det["masks"] = (det["masks"] >= MASK_THRESHOLD).float()
         entries = []
         for k in range(len(det["scores"])):
-            index = int(det["labels"][k]) - 1  # torchvision's label 0 is the background
+            index = int(det["labels"][k]) - 1  # label 0 is the background
             entry = dict(label=class_names[index], index=index, score=round(float(det["scores"][k]), 4),
                          box=[round(float(v), 1) for v in det["boxes"][k]])
             if "masks" in det:
-                entry["mask_area"] = int((det["masks"][k, 0] > 0.5).sum())
+                entry["mask_area"] = int(det["masks"][k, 0].sum())
             entries.append(entry)
         if draw:
             save_picture(draw_detections(image, det, class_names), picture)
