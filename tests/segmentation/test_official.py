@@ -81,7 +81,8 @@ _IMAGE_CASES = [pytest.param(name, image, marks=[_slow] if name.endswith("_s") e
 def test_official_segmentor_on_images_matches_official_code(tmp_path_factory, name, image):
     """The whole official test path on a real image: the ADE20K test pipeline (OpenCV resize of the uint8
     image to 2048x512, normalisation, no padding), whole inference, the two resizes and the softmax:
-    probabilities within 1e-4 and the argmax map equal, pixel for pixel, to the official ones."""
+    probabilities within 1e-4 and the argmax map equal, pixel for pixel, to the official ones (up to
+    float32 ties, see below)."""
     data, (model, cfg, class_names) = _golden_segmentor(name, str(tmp_path_factory.getbasetemp()))
     case = data["images"][image]
     assert (cfg.arch, cfg.backbone, cfg.test_mode, tuple(cfg.scale)) == CASES[name] + ("whole", SEGMENTATION_SCALE)
@@ -92,10 +93,21 @@ def test_official_segmentor_on_images_matches_official_code(tmp_path_factory, na
     with torch.no_grad():
         prob = model.inference(x[None], mode=cfg.test_mode, output_size=(picture.height, picture.width))
     assert_summary(prob, case["seg_logit"], "probabilities")
-    want = np.array(Image.open(DENSE / f"{name}_{image[:-4]}_seg.png"))
-    got = prob.argmax(1)[0].numpy()
-    assert got.shape == want.shape and (got != want).sum() == 0, f"{(got != want).sum()} pixels differ"
-    assert np.bincount(got.flatten(), minlength=150).tolist() == case["seg_hist"]
+    want = torch.from_numpy(np.array(Image.open(DENSE / f"{name}_{image[:-4]}_seg.png")).astype(np.int64))
+    top2 = prob[0].topk(2, dim=0)
+    got = top2.indices[0]
+    assert got.shape == want.shape
+    differ = got != want
+    # Equal, except where the two most probable classes tie to float32 round-off: at most 1e-4 of the
+    # pixels, each with the official class our second and the two within 1e-5 relative (fpn_s on the wide
+    # image: 2 pixels, margins 1.2e-7 and 1.0e-6; our model in float64 agrees with the official map at one
+    # of them and with our float32 map at the other, so neither side's float32 is the exact answer there).
+    near_tie = top2.values[0] - top2.values[1] <= 1e-5 * top2.values[0]
+    assert differ.sum() <= 1e-4 * differ.numel(), f"{int(differ.sum())} pixels differ"
+    assert bool((near_tie[differ] & (top2.indices[1][differ] == want[differ])).all()), \
+        f"{int(differ.sum())} pixels differ, not all at float32 ties"
+    if not differ.any():
+        assert torch.bincount(got.flatten(), minlength=150).tolist() == case["seg_hist"]
 
 
 # ------------------------------------------------------------- every released checkpoint loads
