@@ -13,9 +13,9 @@ from rmt.data.ade20k import (
     SegEvalTransform,
     SegTrainTransform,
     read_class_names,
-    rescale_size,
 )
 from rmt.data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
+from rmt.data.dense_pipeline import keep_ratio_size
 from rmt.data.shapes import SHAPE_CLASSES, ensure_shapes, generate_shapes
 from rmt.detection.models import build_detector
 from rmt.errors import RMTError
@@ -201,6 +201,6 @@ def test_seg_eval_transform_rescales_image_only():
     image = Image.fromarray(np.zeros((100, 50, 3), np.uint8))
     label = np.zeros((100, 50), np.int64)
     img, lab = SegEvalTransform(scale=(2048, 512))(image, label)
-    assert img.shape[1:] == rescale_size(100, 50, (2048, 512)) == (1024, 512)
+    assert img.shape[1:] == keep_ratio_size(100, 50, (2048, 512)) == (1024, 512)
     assert lab.shape == (100, 50)
-    assert rescale_size(512, 683, (2048, 512)) == (512, 683)
+    assert keep_ratio_size(512, 683, (2048, 512)) == (512, 683)

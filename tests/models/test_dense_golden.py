@@ -1,4 +1,5 @@
-"""Parity of the dense backbone with the official detection/segmentation code (tests/fixtures/dense_golden).
+"""Parity of the dense backbone with the official detection/segmentation code (tests/fixtures/dense_golden;
+the segmentors' parity is in tests/segmentation/test_official.py).
 
 The golden data were produced by the official repository's own dense code (vendored mmdet 2.11 /
 mmseg 0.13) with seeded synthetic weights: see tests/fixtures/dense_golden/README.md and make_goldens.py.
@@ -7,11 +8,10 @@ mmseg 0.13) with seeded synthetic weights: see tests/fixtures/dense_golden/READM
 import pytest
 import torch
 
-from dense_golden import assert_summary, dense_state_dict, load_dense_golden, save_official_dense_checkpoint
+from dense_golden import assert_summary, load_dense_golden
 from golden import official_state_dict
 from rmt.errors import RMTError
 from rmt.models.backbone import RMTBackbone, official_backbone_state
-from rmt.segmentation.models import segmentor_from_checkpoint
 
 
 def golden_backbone(variant: str, **kwargs):
@@ -76,37 +76,3 @@ def test_official_backbone_state_keys():
     model.load_state_dict(retina, strict=True)
     with pytest.raises(RMTError, match="no official RMT backbone"):
         official_backbone_state({"model.layers.0.x": torch.zeros(1)})
-
-
-@pytest.mark.parametrize("name,arch", [("fpn_t", "semantic_fpn"), ("uper_t", "upernet")])
-def test_official_segmentor_file_matches_official_code(tmp_path, name, arch):
-    """An official-format segmentation checkpoint, loaded by segmentor_from_checkpoint, gives the
-    official features, decode-head logits, probabilities (after the official two resizes: to the input,
-    then to the original size) and map on the pipeline-free golden case."""
-    data = load_dense_golden(f"{name}_tensor")
-    classes = [f"c{i}" for i in range(150)]
-    path = save_official_dense_checkpoint(tmp_path / "official.pth", dense_state_dict(data["keys"]), classes,
-                                          "model = dict(type='EncoderDecoder')")
-    model, cfg, class_names = segmentor_from_checkpoint(path)
-    assert (cfg.arch, cfg.backbone, class_names) == (arch, "rmt_t", classes)
-    x = torch.randn(data["input_shape"], generator=torch.Generator().manual_seed(data["input_seed"]))
-    with torch.no_grad():
-        feats = model.backbone(x)
-        for i, (f, ref) in enumerate(zip(feats.values(), data["calls"]["backbone"][0])):
-            assert_summary(f, ref, f"backbone level {i}")
-        if model.neck is not None:
-            for i, (f, ref) in enumerate(zip(model.neck(feats).values(), data["calls"]["neck"][0])):
-                assert_summary(f, ref, f"neck level {i}")
-        _, decoded = model._features(x)
-        assert_summary(model.decode_head(decoded), data["calls"]["decode_head"][0], "decode head")
-        prob = model.inference(x, output_size=data["meta"]["ori_shape"][:2]).softmax(1)
-    assert_summary(prob, data["seg_prob"], "probabilities")
-    assert prob.argmax(1)[0].flatten().tolist() == data["seg"]
-
-
-def test_unrecognised_official_segmentor_file(tmp_path):
-    state = {"decode_head.conv_seg.weight": torch.zeros(3, 8, 1, 1), "decode_head.scale_heads.0.0.conv.weight":
-             torch.zeros(8, 8, 3, 3), "backbone.layers.0.blocks.0.retention_layer_norm.weight": torch.zeros(48)}
-    torch.save({"meta": {}, "state_dict": state}, tmp_path / "odd.pth")
-    with pytest.raises(RMTError, match="backbone not recognised"):
-        segmentor_from_checkpoint(tmp_path / "odd.pth")

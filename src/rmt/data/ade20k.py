@@ -13,8 +13,10 @@ Training augmentation (:class:`SegTrainTransform`), as in the reference configs:
 a base scale (ADE20K: 2048x512, keeping the aspect ratio) by a factor in 0.5-2.0, a random crop
 (512x512) re-drawn up to 10 times while one class covers more than 75% of it, horizontal flip,
 photometric distortion (brightness, contrast, saturation, hue), ImageNet normalisation, and padding
-to the crop size (label 255). Evaluation (:class:`SegEvalTransform`) rescales the image to the
-base scale and keeps the label at the original resolution, where the metrics are computed.
+to the crop size (label 255). Evaluation (:class:`SegEvalTransform`) is the official ADE20K test
+pipeline (:func:`rmt.data.dense_pipeline.prepare_image`: OpenCV resize of the uint8 image to the base
+scale, OpenCV normalisation, no padding) and keeps the label at the original resolution, where the
+metrics are computed.
 """
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ from torch.utils.data import Dataset
 
 from ..errors import RMTError
 from .checks import check_label_maps
+from .dense_pipeline import keep_ratio_size, normalize_pixels, prepare_image
 from .image import IMAGE_EXTENSIONS, BadImageError, load_rgb
 
 __all__ = ["ADE20KDataset", "SegTrainTransform", "SegEvalTransform", "IGNORE_INDEX", "IMAGENET_MEAN_255",
-           "IMAGENET_STD_255", "read_class_names", "collate_segmentation", "rescale_size"]
+           "IMAGENET_STD_255", "read_class_names", "collate_segmentation"]
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -117,13 +120,6 @@ class ADE20KDataset(Dataset):
         return self.transform(*self.load(index))
 
 
-def rescale_size(height: int, width: int, scale: Sequence[int]) -> Tuple[int, int]:
-    """Keep-ratio size fitting ``scale = (long, short)``: the reference's ``Resize(keep_ratio=True)``."""
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
-
-
 def _to_tensors(image: Image.Image, label: Optional[np.ndarray]):
     img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
     return img, (torch.from_numpy(label).long() if label is not None else None)
@@ -136,19 +132,17 @@ def _normalize(img: torch.Tensor) -> torch.Tensor:
 
 
 class SegEvalTransform:
-    """Rescale the image to ``scale`` (long, short; None keeps its size) and normalise it; the label
-    stays at the original size."""
+    """The official ADE20K test pipeline (:func:`rmt.data.dense_pipeline.prepare_image` without padding):
+    the uint8 image resized with OpenCV to ``scale`` (long, short; keeping the aspect ratio; None keeps
+    its size), then normalised; the label stays at the original size."""
 
     def __init__(self, scale: Optional[Sequence[int]] = (2048, 512)):
         self.scale = tuple(scale) if scale is not None else None
 
     def __call__(self, image: Image.Image, label: Optional[np.ndarray] = None):
-        from torchvision.transforms.v2 import functional as F
-
-        img, lab = _to_tensors(image, label)
-        if self.scale is not None:
-            img = F.resize(img, list(rescale_size(img.shape[1], img.shape[2], self.scale)), antialias=True)
-        img = _normalize(img)
+        pixels = np.asarray(image, dtype=np.uint8)
+        img = prepare_image(pixels, self.scale, 0).tensor if self.scale is not None else normalize_pixels(pixels)
+        lab = torch.from_numpy(label).long() if label is not None else None
         return (img, lab) if label is not None else img
 
 
@@ -209,7 +203,7 @@ class SegTrainTransform:
 
         img, lab = _to_tensors(image, label)
         ratio = self._uniform(*self.ratio_range)
-        size = list(rescale_size(img.shape[1], img.shape[2], [s * ratio for s in self.scale]))
+        size = [max(1, v) for v in keep_ratio_size(img.shape[1], img.shape[2], [s * ratio for s in self.scale])]
         img = F.resize(img, size, antialias=True)
         lab = F.resize(lab[None], size, interpolation=InterpolationMode.NEAREST)[0]
         top, left, h, w = self._crop_box(lab)

@@ -24,7 +24,8 @@ from .weights import (
     unwrap_state_dict,
 )
 
-__all__ = ["list_models", "split_name", "create_model", "checkpoint_info", "convert_checkpoint", "find_checkpoint"]
+__all__ = ["list_models", "split_name", "create_model", "checkpoint_info", "convert_checkpoint", "hub_output",
+           "find_checkpoint"]
 
 
 def list_models(pretrained_tags: bool = False) -> List[str]:
@@ -125,6 +126,20 @@ def create_model(
                        f"{shorten(str(e), 200)})") from None
 
 
+def hub_output(dst: str | os.PathLike, hub: Optional[bool] = None) -> bool:
+    """Whether a conversion writes a Hub-layout folder (True) or one ``.safetensors`` file: ``hub`` when
+    given, else a ``dst`` without a suffix (or an existing folder) is a folder. Checks that ``dst`` fits."""
+    dst = Path(dst)
+    if hub is None:
+        if dst.suffix not in ("", ".safetensors") and not dst.is_dir():
+            raise RMTError(f"{dst}: the output is a .safetensors file, or a folder (a path without a suffix, "
+                           f"or --hub) for the Hub layout")
+        return dst.suffix != ".safetensors"
+    if hub and dst.suffix == ".safetensors":
+        raise RMTError(f"{dst}: a Hub-layout output is a folder; drop the .safetensors suffix")
+    return hub
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -144,13 +159,7 @@ def convert_checkpoint(
     ``(model_name, dst)``.
     """
     dst = Path(dst)
-    if hub is None:
-        if dst.suffix not in ("", ".safetensors") and not dst.is_dir():
-            raise RMTError(f"{dst}: the output is a .safetensors file, or a folder (a path without a suffix, "
-                           f"or --hub) for the Hub layout")
-        hub = dst.suffix != ".safetensors"
-    elif hub and dst.suffix == ".safetensors":
-        raise RMTError(f"{dst}: a Hub-layout output is a folder; drop the .safetensors suffix")
+    hub = hub_output(dst, hub)
     src = find_checkpoint(src)
     info = checkpoint_info(src)
     state_dict = read_state_dict(hub_weights_file(src) if src.is_dir() else src, use_ema=use_ema)

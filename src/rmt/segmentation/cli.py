@@ -10,6 +10,9 @@ from .train import train
 
 __all__ = ["add_commands"]
 
+CHECKPOINT_HELP = ("a segmentation run's model.safetensors, best.pth or last.pth, a folder written by rmt convert, "
+                   "or an official mmseg RMT Semantic FPN / UperNet .pth")
+
 
 def _cmd_train(args) -> int:
     cfg = config_from_flags(SegConfig, args, demo="shapes")
@@ -69,8 +72,11 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
     modes = ["whole", "slide"]
-    p = tasks.add_parser("eval", help="mIoU / mAcc / aAcc of a trained segmentor")
-    p.add_argument("--checkpoint", required=True, help="a segmentation run's model.safetensors, best.pth or last.pth")
+    p = tasks.add_parser("eval", help="mIoU / mAcc / aAcc of a trained segmentor",
+                         description="mIoU / mAcc / aAcc (as mmseg reports them) of a segmentor on ADE20K-layout "
+                                     "data, images prepared by the official ADE20K test pipeline. The data's class "
+                                     "list, when it has one, must be the model's.")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", default=None, help="ADE20K-layout root (default: the run's data)")
     p.add_argument("--split", default=None, help="split (default: the run's val_split)")
     p.add_argument("--mode", choices=modes, default=None, help="inference mode (default: the run's test_mode)")
@@ -85,7 +91,7 @@ def add_commands(subparsers) -> None:
                          description="Segment images. Unreadable images are reported on stderr and skipped; the "
                                      "exit status is 1 when any was.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="a segmentation run's model.safetensors, best.pth or last.pth")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--output", default=None,
                    help="folder for <stem>_seg.png (default: predictions/; inputs sharing a stem get "
                         "<stem>-2_seg.png, -3, ... in the order given), or a .png name for one image")

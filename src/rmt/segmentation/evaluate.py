@@ -29,7 +29,7 @@ from ..runtime.processes import DistInfo, ShardSampler, all_reduce_sum, resolve_
 from ..runtime.progress import progress_bar
 from .models import segmentor_from_checkpoint
 
-__all__ = ["confusion_matrix", "segmentation_metrics", "evaluate", "evaluate_checkpoint"]
+__all__ = ["confusion_matrix", "segmentation_metrics", "evaluate", "evaluate_checkpoint", "check_classes"]
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
@@ -72,7 +72,8 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
              stride: Optional[Sequence[int]] = None, workers: int = 0, progress: bool = True,
              class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """mIoU, mAcc, aAcc (percent) and per-class IoU/Acc of ``model`` over ``dataset``, whose items are
-    ``(image (3, h, w) normalised, label (H, W))``; the logits are resized to the label's size.
+    ``(image (3, h, w) normalised, label (H, W))``; the prediction is made at the label's size
+    (:meth:`rmt.segmentation.models.Segmentor.inference`, then the argmax).
     With several processes each evaluates its shard and the confusion matrices are summed. The matrix
     stays on the device until the end."""
     info = info if info is not None else DistInfo()
@@ -84,27 +85,49 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
     for batch in progress_bar(loader, progress and info.is_main, desc="eval"):
         for image, label in batch:
             with autocast(device, amp_dtype):
-                logits = model.inference(image[None].to(device), mode=mode, crop_size=crop_size, stride=stride,
-                                         output_size=label.shape[-2:])
-            cm += confusion_matrix(logits.argmax(1)[0], label.to(device), num_classes)
+                probs = model.inference(image[None].to(device), mode=mode, crop_size=crop_size, stride=stride,
+                                        output_size=label.shape[-2:])
+            cm += confusion_matrix(probs.argmax(1)[0], label.to(device), num_classes)
     model.train(was_training)
     total = all_reduce_sum(cm, info)
     return dict(segmentation_metrics(total, class_names), images=len(dataset))
+
+
+def _plain(name: str) -> str:
+    return name.strip().lower()
+
+
+def check_classes(found: Optional[Sequence[str]], class_names: Sequence[str], root, checkpoint) -> None:
+    """Raise one :class:`RMTError` line when a dataset's class list (``found``; ``None``: unnamed, its
+    labels are checked against the class count instead) is not the model's ``class_names``."""
+    if found is None or [_plain(n) for n in found] == [_plain(n) for n in class_names]:
+        return
+    if len(found) != len(class_names):
+        problem = f"names {len(found)} classes ({', '.join(found[:4])}...), the model predicts {len(class_names)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(found, class_names)) if _plain(a) != _plain(b))
+        problem = f"names class {i} {found[i]!r}, the model {class_names[i]!r}"
+    raise RMTError(f"{root} {problem} ({', '.join(class_names[:4])}...): evaluate on data with the model's classes, "
+                   f"or fine-tune it on these first (rmt seg train --init-from {checkpoint})")
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
                         device: str = "auto", mode: Optional[str] = None, workers: int = 0,
                         max_samples: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
     """mIoU / mAcc / aAcc (percent) and per-class IoU of a trained segmentor (float32) on ``data``/``split``
-    (default: the run's validation data: its ``--data`` and ``val_split``, or the bundled shapes)."""
+    (default: the run's validation data: its ``--data`` and ``val_split``, or the bundled shapes).
+
+    ``checkpoint`` is anything :func:`rmt.segmentation.models.segmentor_from_checkpoint` reads, an
+    official (mmseg) file included: images are prepared by the official test pipeline and the metrics
+    are mmseg's. When ``data`` names its classes (``classes.txt``, ``objectInfo150``), they must be the
+    model's, in the model's order (compared without case and surrounding spaces); other data -- e.g.
+    an ADE20K checkpoint's 150 classes against a dataset of 4 -- is one error line: fine-tune on it
+    first (``rmt seg train --init-from CHECKPOINT``)."""
     model, cfg, class_names = segmentor_from_checkpoint(checkpoint)
     data = data if data is not None else cfg.data
     root = data if data is not None else ensure_shapes()
     split = split or (cfg.val_split if data is not None else SPLITS[1])
-    found = read_class_names(Path(root))
-    if found is not None and found != class_names:  # before reading the labels with the model's class count
-        raise RMTError(f"the classes of {root} ({', '.join(found[:5])}...) are not the model's "
-                       f"({', '.join(class_names[:5])}...)")
+    check_classes(read_class_names(Path(root)), class_names, root, checkpoint)  # before reading the labels
     dataset = ADE20KDataset(root, split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, max_samples,
                             num_classes=len(class_names))
     if len(dataset) == 0:

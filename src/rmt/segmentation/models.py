@@ -6,13 +6,20 @@
 * ``model(images)`` -> logits ``(B, K, H, W)`` at the input resolution;
 * ``model(images, labels)`` in train mode -> ``{"loss_seg", "loss_aux"}`` (cross-entropy, label
   255 ignored; the auxiliary FCN head on stage 3 only exists in training, weight 0.4);
-* ``model.inference(images, mode="whole" | "slide", crop_size, stride, output_size)`` -> logits,
-  optionally resized to another size (e.g. the original image's).
+* ``model.inference(images, mode="whole" | "slide", crop_size, stride, output_size)`` -> class
+  probabilities, optionally at another size (the original image's), as the official code computes them.
+
+Evaluation and prediction prepare images as the official ADE20K test pipeline does
+(:class:`rmt.data.ade20k.SegEvalTransform`). Official (mmseg 0.13) checkpoints load directly
+(:func:`segmentor_from_checkpoint`, :func:`read_official_segmentor`).
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
+import warnings
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,15 +30,16 @@ from torchvision.ops import FeaturePyramidNetwork
 from ..data.ade20k import IGNORE_INDEX
 from ..errors import RMTError, did_you_mean
 from ..models.backbone import RMTBackbone, official_backbone_state
-from ..models.rmt import MODEL_ARGS, guess_variant
-from ..models.weights import META_KEY, infer_arch, read_checkpoint, read_weights
+from ..models.hub import hub_weights_file
+from ..models.rmt import MODEL_ARGS
+from ..models.weights import META_KEY, infer_arch, open_checkpoint, read_weights, unwrap_state_dict
 from ..training.config import config_from_dict
 from .config import ARCHS, SegConfig
 from .heads import FCNHead, SemanticFPNHead, UPerHead, upsample
 
 __all__ = ["Segmentor", "build_segmentor", "ARCHS", "slide_inference", "segmentor_kwargs", "segmentor_from_checkpoint",
-           "official_segmentor_state"]
-
+           "read_segmentor_checkpoint", "init_segmentor_from", "official_segmentor_state", "read_official_segmentor",
+           "official_segmentor_config", "parse_official_config"]
 
 
 class Segmentor(nn.Module):
@@ -76,10 +84,13 @@ class Segmentor(nn.Module):
     @torch.no_grad()
     def inference(self, images: torch.Tensor, mode: str = "whole", crop_size: Optional[Sequence[int]] = None,
                   stride: Optional[Sequence[int]] = None, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Logits ``(B, K, H, W)`` for ``images``, from the whole image or a sliding window.
+        """Class probabilities ``(B, K, H, W)`` (float32) for ``images``, as mmseg's
+        ``EncoderDecoder.inference`` computes them: the logits, resized (bilinear) to the input size, of
+        the whole image or averaged over a sliding window; resized again to ``output_size`` (the
+        original image's, when the input was rescaled); then the softmax. Their argmax is the map.
 
         ``slide``: windows of ``crop_size`` every ``stride`` (default 2/3 of the crop), logits
-        averaged where windows overlap. ``output_size`` resizes the logits (bilinear) at the end.
+        averaged where windows overlap.
         """
         if mode == "whole":
             logits = self(images)
@@ -91,7 +102,7 @@ class Segmentor(nn.Module):
             raise RMTError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
         if output_size is not None and tuple(output_size) != tuple(logits.shape[-2:]):
             logits = upsample(logits, output_size)
-        return logits
+        return logits.float().softmax(1)
 
 
 def _window_starts(size: int, crop: int, stride: int) -> Sequence[int]:
@@ -165,21 +176,64 @@ def segmentor_kwargs(cfg) -> Tuple[str, Dict]:
                           grad_checkpointing=cfg.grad_checkpointing)
 
 
-def segmentor_from_checkpoint(path: str | os.PathLike) -> Tuple[nn.Module, SegConfig, List[str]]:
-    """``(model in eval mode, SegConfig, class names)`` from a segmentation run's ``model.safetensors`` or
-    ``best.pth``/``last.pth``, or from an official (mmseg) RMT Semantic FPN / UperNet checkpoint."""
-    official = _official_checkpoint(path)
-    if official is not None:
-        return official
-    state, meta = read_weights(path, task="segmentation")
-    cfg = config_from_dict(SegConfig, meta["config"])
-    class_names = list(meta["class_names"])
+# ------------------------------------------------------------------------------ checkpoints
+def segmentor_from_checkpoint(path: str | os.PathLike) -> Tuple[Segmentor, SegConfig, List[str]]:
+    """``(model in eval mode, SegConfig, class names)`` from any segmentation checkpoint
+    (:func:`read_segmentor_checkpoint`: a run's files, a model folder, an official mmseg file)."""
+    state, cfg, class_names = read_segmentor_checkpoint(path)
     arch, kwargs = segmentor_kwargs(cfg)
     model = build_segmentor(arch, num_classes=len(class_names), **kwargs)
-    model.load_state_dict(state)
+    _load_exactly(model, state, f"{path}: {cfg.arch} {cfg.backbone} with {len(class_names)} classes")
     return model.eval(), cfg, class_names
 
 
+def read_segmentor_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], SegConfig, List[str]]:
+    """``(state dict in our layout, SegConfig, class names)`` of a segmentation run's ``model.safetensors``,
+    ``best.pth`` or ``last.pth``, of a model folder written by ``rmt convert`` (its ``model.safetensors``),
+    or of an official (mmseg 0.13) RMT Semantic FPN / UperNet checkpoint (:func:`read_official_segmentor`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = hub_weights_file(path)
+    official = read_official_segmentor(path)
+    if official is not None:
+        return official
+    state, meta = read_weights(path, task="segmentation")
+    return state, config_from_dict(SegConfig, meta["config"]), list(meta["class_names"])
+
+
+def init_segmentor_from(model: Segmentor, path: str | os.PathLike, cfg: SegConfig) -> Dict[str, List[str]]:
+    """Start ``model`` (built from ``cfg``) from the weights of a whole segmentor of the same architecture
+    and backbone (any file :func:`read_segmentor_checkpoint` reads), for fine-tuning: every tensor of
+    the same name and shape is loaded; the others -- with another class count, the classifiers
+    (``conv_seg`` of the decode and auxiliary heads) -- keep their fresh initialisation.
+
+    Returns ``{"loaded", "reinitialised", "unused"}`` key lists (``unused``: the file's keys the model
+    lacks, e.g. an auxiliary head when ``aux_weight`` is 0) and ``{"classes": [the file's class count]}``."""
+    state, source, class_names = read_segmentor_checkpoint(path)
+    if (source.arch, source.backbone) != (cfg.arch, cfg.backbone):
+        raise RMTError(f"--init-from {path} holds a {source.arch} with {source.backbone}, the config builds a "
+                       f"{cfg.arch} with {cfg.backbone}: set arch and backbone to the file's")
+    target = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
+    model.load_state_dict(fits, strict=False)
+    return dict(loaded=sorted(fits), reinitialised=sorted(k for k in target if k not in fits),
+                unused=sorted(k for k in state if k not in target), classes=[len(class_names)])
+
+
+def _load_exactly(model: nn.Module, state: Dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``model``, every key and shape checked; one line naming the first misfits."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong = sorted(k for k in target if k in state and state[k].shape != target[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{name} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong)) if keys]
+        raise RMTError(f"{what}: the weights do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------ official (mmseg) checkpoints
 # mmseg (the official segmentation code) -> our module names, applied in order to keys outside the backbone
 _OFFICIAL_SEG_RENAMES = (
     (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"neck.inner_blocks.\1.0."),
@@ -191,6 +245,7 @@ _OFFICIAL_SEG_RENAMES = (
     (r"^(decode_head|aux_head)\.(.*)\.conv\.", r"\1.\2.0."),  # ConvModule: conv, bn -> Conv2dNormActivation
     (r"^(decode_head|aux_head)\.(.*)\.bn\.", r"\1.\2.1."),
 )
+_OFFICIAL_HEADS = {"UPerHead": "upernet", "FPNHead": "semantic_fpn"}  # mmseg decode head type -> our arch
 
 
 def official_segmentor_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -207,41 +262,152 @@ def official_segmentor_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, t
     return out
 
 
-def _official_checkpoint(path: str | os.PathLike) -> Optional[Tuple[nn.Module, SegConfig, List[str]]]:
+def read_official_segmentor(path: str | os.PathLike
+                            ) -> Optional[Tuple[Dict[str, torch.Tensor], SegConfig, List[str]]]:
     """An official segmentation checkpoint (mmcv ``{"meta", "state_dict", "optimizer"}``, mmseg keys) as
-    our model; ``None`` for any other file. Architecture, variant and class count come from the keys and
-    shapes, class names from ``meta["CLASSES"]`` (else ``class_<i>``)."""
-    raw = read_checkpoint(path) if os.fspath(path).endswith((".pth", ".pt", ".bin")) else None
-    state = raw.get("state_dict") if isinstance(raw, dict) else None
-    if not isinstance(state, dict) or "decode_head.conv_seg.weight" not in state:
+    ``(state dict in our layout, SegConfig, class names)``; ``None`` for a file of another layout.
+
+    Architecture, variant, class count and head width come from the keys and shapes
+    (:func:`official_segmentor_config`), checked against ``meta["config"]`` when that text parses;
+    class names from ``meta["CLASSES"]`` (else ``class_<i>``)."""
+    path = Path(path)
+    raw = open_checkpoint(path) if path.is_file() and path.suffix != ".safetensors" else None
+    if not (isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict) and "model" not in raw):
         return None
+    state = unwrap_state_dict({"state_dict": raw["state_dict"]})
+    meta = raw.get(META_KEY) if isinstance(raw.get(META_KEY), dict) else {}
+    config_text = meta.get("config") if isinstance(meta.get("config"), str) else None
+    cfg = official_segmentor_config(state, config_text, where=str(path))
+    classes = meta.get("CLASSES")
+    class_names = [str(c).strip() for c in classes] if isinstance(classes, (list, tuple)) and \
+        len(classes) == cfg.num_classes else [f"class_{i}" for i in range(cfg.num_classes)]
+    return official_segmentor_state(state), cfg, class_names
+
+
+def _variant_table() -> str:
+    return ", ".join(f"{name} (widths {'-'.join(map(str, a['embed_dims']))}, depths {'-'.join(map(str, a['depths']))})"
+                     for name, a in MODEL_ARGS.items())
+
+
+def official_segmentor_config(state: Dict[str, torch.Tensor], config_text: Optional[str] = None,
+                              where: str = "checkpoint") -> SegConfig:
+    """The :class:`SegConfig` of an official RMT segmentor from its state dict (mmseg keys):
+
+    * architecture: ``decode_head.psp_modules`` -> UperNet, ``decode_head.scale_heads`` -> Semantic FPN;
+    * backbone variant: the widths and depths of ``backbone.layers``, and which stages have layer scale;
+    * classes and head width: ``decode_head.conv_seg``; auxiliary head: ``auxiliary_head.*`` present.
+
+    ``config_text`` (the file's ``meta["config"]``, mmcv's ``pretty_text``), when it parses
+    (:func:`parse_official_config`), must agree with the weights; it adds the backbone's decomposed
+    stages and drop path, and the test mode. Anything not recognised is one :class:`RMTError` line
+    saying what was found and what was expected."""
+    if "decode_head.conv_seg.weight" not in state:
+        found = sorted({k.split(".")[0] for k in state})
+        raise RMTError(f"{where}: not an official segmentor (found top-level keys {', '.join(found[:6])}, no "
+                       f"decode_head.conv_seg); expected an mmseg RMT Semantic FPN or UperNet checkpoint")
     if any(k.startswith("decode_head.psp_modules.") for k in state):
         arch = "upernet"
     elif any(k.startswith("decode_head.scale_heads.") for k in state):
         arch = "semantic_fpn"
     else:
-        raise RMTError(f"{path}: an mmseg checkpoint, but its decode head is neither UperNet (psp_modules) nor "
-                       f"Semantic FPN (scale_heads)")
+        heads = sorted({k.split(".")[1] for k in state if k.startswith("decode_head.") and k.count(".") > 1})
+        raise RMTError(f"{where}: an mmseg decode head with {', '.join(heads) or 'only conv_seg'}; expected "
+                       f"UperNet (decode_head.psp_modules) or Semantic FPN (decode_head.scale_heads)")
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    variant = guess_variant(backbone)
-    if variant is None or variant.endswith("_tl"):
-        arch_found = infer_arch(backbone)
-        raise RMTError(f"{path}: backbone not recognised (found {arch_found or 'no RMT stages'}); "
-                       f"expected one of {', '.join(MODEL_ARGS)}")
-    num_classes = state["decode_head.conv_seg.weight"].shape[0]
-    meta = raw.get(META_KEY) if isinstance(raw.get(META_KEY), dict) else {}
-    classes = meta.get("CLASSES")
-    class_names = [str(c) for c in classes] if classes is not None and len(classes) == num_classes else \
-        [f"class_{i}" for i in range(num_classes)]
-    aux = any(k.startswith("auxiliary_head.") for k in state)
-    cfg = config_from_dict(SegConfig, dict(arch=arch, backbone=variant, num_classes=num_classes,
-                                           aux_weight=0.4 if aux else 0.0))
-    name, kwargs = segmentor_kwargs(cfg)
-    model = build_segmentor(name, num_classes=num_classes, **kwargs)
-    mapped = official_segmentor_state(state)
-    missing, unexpected = set(model.state_dict()) - set(mapped), set(mapped) - set(model.state_dict())
-    if missing or unexpected:
-        raise RMTError(f"{path}: official {arch} {variant} checkpoint does not fit: missing "
-                       f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    model.load_state_dict(mapped)
-    return model.eval(), cfg, class_names
+    found = infer_arch(backbone)
+    variant = next((name for name, a in MODEL_ARGS.items() if found is not None
+                    and (a["embed_dims"], a["depths"]) == (found["embed_dims"], found["depths"])), None)
+    if variant is None:
+        seen = (f"widths {'-'.join(map(str, found['embed_dims']))}, depths {'-'.join(map(str, found['depths']))}"
+                if found is not None else "no backbone.layers.<i>.blocks")
+        raise RMTError(f"{where}: RMT backbone not recognised (found {seen}); expected one of {_variant_table()}")
+    scaled = tuple(f"layers.{i}.blocks.0.gamma_1" in backbone for i in range(4))
+    expected = tuple(MODEL_ARGS[variant].get("layer_scale", (False,) * 4))
+    if scaled != expected:
+        raise RMTError(f"{where}: an {variant} backbone with layer scale in stages {_stages(scaled)}; the released "
+                       f"{variant} has it in stages {_stages(expected)}")
+    classes, channels = state["decode_head.conv_seg.weight"].shape[:2]
+    settings: Dict[str, object] = dict(arch=arch, backbone=variant, num_classes=int(classes), channels=int(channels),
+                                       aux_weight=0.4 if "auxiliary_head.conv_seg.weight" in state else 0.0)
+    model_cfg, test_scale = parse_official_config(config_text) if config_text else (None, None)
+    if model_cfg is not None:
+        settings.update(_settings_from_config(model_cfg, settings, found, where))
+    if test_scale is not None:
+        settings["scale"] = list(test_scale)
+    return config_from_dict(SegConfig, settings)
+
+
+def _stages(flags: Sequence[bool]) -> str:
+    return ", ".join(str(i) for i, f in enumerate(flags) if f) or "none"
+
+
+def _settings_from_config(model_cfg: Dict, settings: Dict, found: Dict, where: str) -> Dict[str, object]:
+    """What the parsed official ``model`` config adds to ``settings`` (read off the weights), after
+    checking that the two agree."""
+    def disagree(what: str, config_value, weights_value) -> RMTError:
+        return RMTError(f"{where}: its config says {what} {config_value}, its weights {weights_value}")
+
+    out: Dict[str, object] = {}
+    body = model_cfg.get("backbone") if isinstance(model_cfg.get("backbone"), dict) else {}
+    head = model_cfg.get("decode_head") if isinstance(model_cfg.get("decode_head"), dict) else {}
+    head_type = head.get("type")
+    if head_type is not None and _OFFICIAL_HEADS.get(head_type) != settings["arch"]:
+        raise disagree("decode head", head_type, f"{settings['arch']} (expected "
+                       f"{' or '.join(_OFFICIAL_HEADS)})")
+    for key, ours in (("embed_dims", "embed_dims"), ("depths", "depths")):
+        value = body.get(key)
+        if isinstance(value, list) and tuple(value) != tuple(found[ours]):
+            raise disagree(f"backbone {key}", value, list(found[ours]))
+    if head.get("num_classes") is not None and head["num_classes"] != settings["num_classes"]:
+        raise disagree("num_classes", head["num_classes"], settings["num_classes"])
+    decomposed = body.get("chunkwise_recurrents")
+    if isinstance(decomposed, list) and len(decomposed) == 4 and all(isinstance(d, bool) for d in decomposed):
+        out["decomposed"] = decomposed
+    if isinstance(body.get("drop_path_rate"), (int, float)) and not isinstance(body["drop_path_rate"], bool):
+        out["drop_path"] = float(body["drop_path_rate"])
+    test = model_cfg.get("test_cfg") if isinstance(model_cfg.get("test_cfg"), dict) else {}
+    if test.get("mode") in ("whole", "slide"):
+        out["test_mode"] = test["mode"]
+        if test["mode"] == "slide":
+            out.update(crop_size=list(test["crop_size"]), slide_stride=list(test["stride"]))
+    return out
+
+
+def parse_official_config(text: str) -> Tuple[Optional[Dict], Optional[Tuple[int, int]]]:
+    """``(model dict, test img_scale)`` from an official config's text (mmcv ``pretty_text``: Python
+    assignments of ``dict(...)`` literals), read without executing it; ``(None, None)`` when it does not
+    parse. Values other than literals (e.g. ``1500 // gpu_multipliers``) read as ``None``."""
+    try:
+        with warnings.catch_warnings():  # configs hold strings like 'path\/x' (an invalid escape, kept as is)
+            warnings.simplefilter("ignore", SyntaxWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return None, None
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = _literal(node.value)
+    model = found.get("model") if isinstance(found.get("model"), dict) else None
+    scale = None
+    for step in found.get("test_pipeline") or []:
+        if isinstance(step, dict) and step.get("type") == "MultiScaleFlipAug":
+            value = step.get("img_scale")
+            if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+                scale = (value[0], value[1])
+    return model, scale
+
+
+def _literal(node: ast.AST):
+    """A config value: ``dict(k=v)``, ``{...}``, lists, tuples (as lists) and constants; else ``None``."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(v) for v in node.elts]
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values) if k is not None}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _literal(kw.value) for kw in node.keywords if kw.arg is not None}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        return -node.operand.value
+    return None

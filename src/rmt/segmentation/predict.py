@@ -23,9 +23,11 @@ __all__ = ["predict"]
 def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike],
             output: Optional[str | os.PathLike] = None, device: str = "auto", mode: Optional[str] = None,
             alpha: float = 0.5, draw: bool = True) -> Iterator[Dict[str, Any]]:
-    """Segment ``images`` with a trained segmentor (float32), writing one PNG per image (a colour per
-    class blended over the image, and a legend) unless ``draw`` is False. Images are rescaled as in
-    the run's evaluation and the prediction is made at the original size.
+    """Segment ``images`` with a trained segmentor (float32; ``checkpoint``: anything
+    :func:`rmt.segmentation.models.segmentor_from_checkpoint` reads, official mmseg files included),
+    writing one PNG per image (a colour per class blended over the image, and a legend) unless ``draw``
+    is False. Images go through the official test pipeline at the run's scale, and the prediction is
+    made at the original size.
 
     Yields, per image, ``{"path", "output", "classes": [{"label", "index", "fraction"}]}`` (the share
     of the pixels of each class present, largest first), or ``{"path", "error"}`` for an unreadable image.
@@ -40,10 +42,10 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike],
         if isinstance(image, str):
             yield dict(path=path, error=image)
             continue
-        logits = model.inference(transform(image)[None].to(torch_device), mode=mode or cfg.test_mode,
-                                 crop_size=cfg.crop_size, stride=cfg.slide_stride,
-                                 output_size=(image.height, image.width))
-        pred = logits.argmax(1)[0].cpu()
+        probs = model.inference(transform(image)[None].to(torch_device), mode=mode or cfg.test_mode,
+                                crop_size=cfg.crop_size, stride=cfg.slide_stride,
+                                output_size=(image.height, image.width))
+        pred = probs.argmax(1)[0].cpu()
         counts = torch.bincount(pred.flatten(), minlength=len(class_names)).double() / pred.numel()
         classes = [dict(label=class_names[k], index=k, fraction=round(float(v), 4))
                    for k, v in enumerate(counts) if v > 0]

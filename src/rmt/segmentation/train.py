@@ -2,11 +2,13 @@
 
 The data are an ADE20K-layout folder (:class:`rmt.data.ade20k.ADE20KDataset`; the bundled shapes when
 ``cfg.data`` is None), the model :func:`rmt.segmentation.models.build_segmentor` (it returns its
-losses in train mode), AdamW with a linear warm-up, then poly decay (UperNet: power 1.0 over 160k
-iterations; Semantic FPN: power 0.9 over 80k). Every ``eval_interval`` iterations: mIoU / mAcc /
-aAcc on the validation split and a round of the run (``metrics.csv`` row, ``last.pth``, ``best.pth``
-by mIoU). The run directory, resume and signals are :class:`rmt.training.run.TrainingRun`'s; the
-optimizer step's pieces are :class:`rmt.training.step.OptimizerStep`'s, called in the loop.
+losses in train mode; ``init_from`` starts it from a whole segmentor, e.g. an official file:
+:func:`rmt.segmentation.models.init_segmentor_from`, reported in the log), AdamW with a linear
+warm-up, then poly decay (UperNet: power 1.0 over 160k iterations; Semantic FPN: power 0.9 over
+80k). Every ``eval_interval`` iterations: mIoU / mAcc / aAcc on the validation split and a round of
+the run (``metrics.csv`` row, ``last.pth``, ``best.pth`` by mIoU). The run directory, resume and
+signals are :class:`rmt.training.run.TrainingRun`'s; the optimizer step's pieces are
+:class:`rmt.training.step.OptimizerStep`'s, called in the loop.
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule
 from .config import SegConfig
 from .evaluate import evaluate
-from .models import build_segmentor, segmentor_kwargs
+from .models import build_segmentor, init_segmentor_from, segmentor_kwargs
 
-__all__ = ["train", "segmentation_data", "class_names_for", "METRIC_COLUMNS"]
+__all__ = ["train", "segmentation_data", "class_names_for", "describe_init", "METRIC_COLUMNS"]
 
 DRAWN = 2  # validation images drawn with their segmentation for the run's trackers, at each evaluation
 
@@ -69,6 +71,18 @@ def segmentation_data(cfg: SegConfig) -> SegmentationData:
     return SegmentationData("shapes" if cfg.data is None else str(root), train, val, names)
 
 
+def describe_init(path: str, report: Dict[str, List], num_classes: int) -> str:
+    """The log line of a run started from a whole segmentor (:func:`init_segmentor_from`'s report)."""
+    line = f"started from {path}: {len(report['loaded'])} tensors loaded"
+    if report["reinitialised"]:
+        keys = report["reinitialised"]
+        line += (f"; reinitialised ({report['classes'][0]} -> {num_classes} classes): "
+                 f"{', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+    if report["unused"]:
+        line += f"; not used: {len(report['unused'])} tensors ({', '.join(report['unused'][:3])} ...)"
+    return line
+
+
 @torch.no_grad()
 def drawn_predictions(model: nn.Module, data: SegmentationData, cfg: SegConfig, run: TrainingRun,
                       count: int = DRAWN) -> Dict[str, Image.Image]:
@@ -80,10 +94,10 @@ def drawn_predictions(model: nn.Module, data: SegmentationData, cfg: SegConfig, 
     for index in range(min(count, len(data.val))):
         image, _ = data.val.load(index)
         with run.autocast():
-            logits = model.inference(data.val.transform(image)[None].to(run.device), mode=cfg.test_mode,
-                                     crop_size=cfg.crop_size, stride=cfg.slide_stride,
-                                     output_size=(image.height, image.width))
-        pictures[f"predictions/{index}"] = draw_segmentation(image, logits.argmax(1)[0], data.class_names)
+            probs = model.inference(data.val.transform(image)[None].to(run.device), mode=cfg.test_mode,
+                                    crop_size=cfg.crop_size, stride=cfg.slide_stride,
+                                    output_size=(image.height, image.width))
+        pictures[f"predictions/{index}"] = draw_segmentation(image, probs.argmax(1)[0], data.class_names)
     model.train(was_training)
     return pictures
 
@@ -96,6 +110,7 @@ def train(cfg: SegConfig) -> RunResult:
         arch, kwargs = segmentor_kwargs(cfg)
         model = build_segmentor(arch, num_classes=len(data.class_names), backbone_weights=cfg.backbone_weights,
                                 **kwargs)
+        init = init_segmentor_from(model, cfg.init_from, cfg) if cfg.init_from is not None else None
         model, ddp = run.prepare_model(model)
         optimizer = create_optimizer(model, "adamw", run.device, lr=cfg.lr, weight_decay=cfg.weight_decay)
         floor = cfg.min_lr / cfg.lr
@@ -110,6 +125,8 @@ def train(cfg: SegConfig) -> RunResult:
         run.log_start(f"{cfg.arch} with {cfg.backbone}: {params / 1e6:.2f}M trainable params, "
                       f"{len(data.class_names)} classes", f"{len(data.train)} train / {len(data.val)} val images "
                       f"({data.name})", f"{cfg.batch_size} images per process, {cfg.max_iters} iterations")
+        if init is not None:
+            run.log(describe_init(cfg.init_from, init, len(data.class_names)))
 
         def describe(row) -> str:
             return (f"iteration {row['iteration']}/{cfg.max_iters}: train loss {row['train_loss']:.4f}, mIoU "

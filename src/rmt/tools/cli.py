@@ -13,9 +13,9 @@ import torch
 
 from ..cliutils import format_table, non_negative_int, positive_float, positive_int, print_json, probability
 from ..errors import RMTError
-from ..models.factory import convert_checkpoint
 from ..runtime.memory import keep_freed_memory
 from .benchmark import BACKENDS, DEFAULT_PEERS, ONNX_BACKENDS, benchmark, profile_onnx
+from .convert import convert
 from .export import FORMATS, QUANTIZE, export_model
 from .flops import model_facts, variants_table
 from .visualize import visualize_attention, visualize_decay
@@ -70,10 +70,11 @@ def _add_flops(sub) -> None:
 
 # ------------------------------------------------------------------------------------ convert
 def _cmd_convert(args) -> int:
-    name, path = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=args.use_ema,
-                                    hub=True if args.hub else None, overwrite=args.overwrite)
+    task, name, path = convert(args.input, args.output, model_name=args.model, use_ema=args.use_ema,
+                               hub=True if args.hub else None, overwrite=args.overwrite)
     kind = "Hub-layout folder: config.json, model.safetensors, README.md" if path.is_dir() else "safetensors"
-    print(f"converted {args.input} -> {path} ({name}; {kind})")
+    print(f"converted {args.input} -> {path} ({name}; {kind})" if task == "classification" else
+          f"converted {args.input} -> {path} ({task}: {name}; {kind})")
     return 0
 
 
@@ -81,14 +82,18 @@ def _add_convert(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert a checkpoint (official .pth, a run's) to rmt's .safetensors or a Hub-ready folder",
         description="Convert an official checkpoint (or a run checkpoint, or one of ours) to one .safetensors "
-                    "file, or -- when OUTPUT has no suffix, or with --hub -- to a folder in timm's Hugging Face "
-                    "Hub layout (config.json, model.safetensors, README.md) that loads with "
-                    "timm.create_model('local-dir:OUTPUT', pretrained=True) and, uploaded, with 'hf-hub:USER/REPO'.")
+                    "file, or -- when OUTPUT has no suffix, or with --hub -- to a folder (config.json, "
+                    "model.safetensors, README.md). A classifier's folder is in timm's Hugging Face Hub layout: "
+                    "it loads with timm.create_model('local-dir:OUTPUT', pretrained=True) and, uploaded, with "
+                    "'hf-hub:USER/REPO'. Segmentation files (official mmseg RMT Semantic FPN / UperNet "
+                    "checkpoints, a seg run's) become a segmentation model file or folder for rmt seg "
+                    "eval|predict --checkpoint.")
     p.add_argument("input", help="official checkpoint (.pth), a run checkpoint, one of ours, or a model folder")
     p.add_argument("output", help="output .safetensors file, or a folder (no suffix) for the Hub layout")
     p.add_argument("--hub", action="store_true", help="write a Hub-layout folder whatever OUTPUT's name")
-    p.add_argument("--model", default=None, help="variant (default: read off the weights)")
-    p.add_argument("--use-ema", action="store_true", help="take the EMA weights when the file has them")
+    p.add_argument("--model", default=None, help="classification: the variant (default: read off the weights)")
+    p.add_argument("--use-ema", action="store_true", help="classification: take the EMA weights when the file "
+                                                          "has them")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a folder that is not empty, replacing its config.json, model.safetensors and "
                         "README.md (other files are kept; the old ones stay until the new ones are written)")
