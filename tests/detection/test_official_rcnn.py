@@ -52,10 +52,11 @@ def compare(ours, ref, what):
         compare(o, r, f"{what}[{i}]")
 
 
-def check_calls(calls, ref_calls):
+def check_calls(calls, ref_calls, skip=()):
     assert set(calls) == set(ref_calls)
     for name, ref in ref_calls.items():
-        compare(calls[name], ref, name)
+        if not name.startswith(tuple(skip)):
+            compare(calls[name], ref, name)
 
 
 def check_detections(out, ref_rows, ref_masks, ori_shape):
@@ -101,7 +102,7 @@ def run_tensor_case(case):
     return check_detections(out, data["detections"], data["masks"], image_meta.ori_shape)
 
 
-def run_image_case(case):
+def run_image_case(case, skip_calls=()):
     model, data = golden_detector(case)
     errors = []
     for name, ref in data["images"].items():
@@ -109,7 +110,7 @@ def run_image_case(case):
         image = torch.from_numpy(np.array(Image.open(DENSE / name).convert("RGB"))).permute(2, 0, 1).float() / 255
         with torch.no_grad():
             out = model([image])[0]
-        check_calls(calls, ref["calls"])
+        check_calls(calls, ref["calls"], skip_calls)
         errors.append(check_detections(out, ref["detections"], ref["masks"], tuple(image.shape[1:])))
     return errors
 
@@ -122,17 +123,20 @@ def test_rcnn_matches_official_on_tensor(case):
     run_tensor_case(case)
 
 
-# RMT-S at 800x1067: the final detections and masks match, but one of the 1000 RoIs fed to the box head
-# differs from the official one -- level P2's 1000th and 1001st RPN scores are 6e-6 apart, within the
-# float round-off of the (reimplemented) backbone, so the per-level top-1000 cut can pick either anchor
-NEAR_TIE = pytest.mark.xfail(reason="an RPN near-tie at the per-level top-1000 cut changes one RoI", strict=False)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["maskrcnn_t", "casrcnn_t", pytest.param("maskrcnn_s", marks=NEAR_TIE),
-                                  pytest.param("casrcnn_s", marks=NEAR_TIE)])
+@pytest.mark.parametrize("case", ["maskrcnn_t", "casrcnn_t"])
 def test_rcnn_matches_official_on_images(case):
     run_image_case(case)
+
+
+# RMT-S at 800x1067: one of the 1000 RoIs fed to the box head differs from the official one -- level P2's
+# 1000th and 1001st RPN scores are 6e-6 apart, within the float round-off of the (reimplemented) backbone,
+# so the per-level top-1000 cut can pick either anchor. The box and mask heads' raw outputs (one row each)
+# are therefore not compared; the backbone, neck and RPN outputs and the final detections and masks are.
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["maskrcnn_s", "casrcnn_s"])
+def test_rcnn_s_matches_official_on_images(case):
+    run_image_case(case, skip_calls=("roi_head.",))
 
 
 def test_official_rcnn_state_is_strict():
