@@ -69,8 +69,10 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = tasks.add_parser("eval", help="COCO box/mask AP of a trained detector")
-    p.add_argument("--checkpoint", required=True, help="a detection run's model.safetensors, best.pth or last.pth")
-    p.add_argument("--data", default=None, help="COCO-format root (default: the run's data)")
+    p.add_argument("--checkpoint", required=True, help="a detection run's model.safetensors, best.pth or last.pth, a "
+                   "model folder (rmt convert), or an official mmdet RMT .pth")
+    p.add_argument("--data", default=None, help="COCO-format root (default: the run's data); its categories must be "
+                                                "the model's classes")
     p.add_argument("--split", default=None, help="split (default: the run's val_split)")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--workers", type=non_negative_int, default=0)
@@ -84,7 +86,8 @@ def add_commands(subparsers) -> None:
                          description="Detect objects in images. Unreadable images are reported on stderr and "
                                      "skipped; the exit status is 1 when any was.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="a detection run's model.safetensors, best.pth or last.pth")
+    p.add_argument("--checkpoint", required=True, help="a detection run's model.safetensors, best.pth or last.pth, a "
+                   "model folder (rmt convert), or an official mmdet RMT .pth")
     p.add_argument("--output", default=None,
                    help="folder for <stem>_det.png (default: predictions/; inputs sharing a stem get "
                         "<stem>-2_det.png, -3, ... in the order given), or a .png name for one image")

@@ -24,6 +24,7 @@ from ..errors import RMTError
 from ..runtime.precision import autocast
 from ..runtime.processes import DistInfo, ShardSampler, all_gather_objects, resolve_device
 from ..runtime.progress import progress_bar
+from ..training.dense_checkpoints import check_class_names
 from .models import detector_from_checkpoint, has_masks
 from .ops import MASK_THRESHOLD
 
@@ -123,7 +124,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
                         max_samples: Optional[int] = None, verbose: bool = False, progress: bool = True
                         ) -> Dict[str, Any]:
     """COCO box (and mask) AP of a trained detector (float32) on ``data``/``split`` (default: the run's
-    validation data: its ``--data`` and ``val_split``, or the bundled shapes)."""
+    validation data: its ``--data`` and ``val_split``, or the bundled shapes).
+
+    ``checkpoint`` is anything :func:`rmt.detection.models.detector_from_checkpoint` reads, an official
+    (mmdet) file included: images are prepared by the official test pipeline. The data's categories (in
+    category-id order) must be the model's classes, in the model's order (compared without case and
+    surrounding spaces); other data -- e.g. a COCO checkpoint's 80 classes against a dataset of 3 -- is
+    one error line: fine-tune on it first (``rmt det train --init-from CHECKPOINT``)."""
     model, cfg, class_names = detector_from_checkpoint(checkpoint)
     data = data if data is not None else cfg.data
     root = data if data is not None else ensure_shapes()
@@ -131,9 +138,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
     dataset = CocoDetection(*coco_split_paths(root, split), masks=False, max_samples=max_samples)
     if len(dataset) == 0:
         raise RMTError(f"{root}/{split} has no images to evaluate")
-    if dataset.class_names != class_names:
-        raise RMTError(f"the categories of {root} ({', '.join(dataset.class_names[:5])}...) are not the model's "
-                       f"({', '.join(class_names[:5])}...)")
+    check_class_names(dataset.class_names, class_names, root, fine_tune=f"rmt det train --init-from {checkpoint}")
     torch_device = resolve_device(device)
     model.to(torch_device)
     result = evaluate(model, dataset, torch_device, batch_size=batch_size, workers=workers, verbose=verbose,

@@ -8,9 +8,10 @@ one ``{"boxes", "labels", "scores"[, "masks"]}`` dict per image, in original-ima
 ``images`` are float ``(3, H, W)`` tensors in [0, 1] of any size; :class:`rmt.detection.transform.
 DetectionTransform` resizes, normalises and pads them as the official test pipeline does.
 
-Labels are ``1..num_classes`` (the official 0-based label + 1); 0 is the background (never predicted). The class-specific
-layers keep the official layout (R-CNN ``fc_cls``: background LAST), and :func:`official_rcnn_state` maps an
-official mmdet state dict onto our R-CNN models key for key.
+Labels are ``1..num_classes`` (the official 0-based label + 1); 0 is the background (never predicted). The
+class-specific layers keep the official layout (R-CNN ``fc_cls``: background LAST), and :func:`official_rcnn_state`
+maps an official mmdet state dict onto our R-CNN models key for key. Official (mmdet 2.11) checkpoint files load
+directly (:func:`detector_from_checkpoint`, :func:`read_official_detector`).
 
 ======================  ==================================================================================
 ``faster_rcnn``         FPN P2-P6 (max-pool P6), RPN (anchors 8 x stride), RoIAlign 7x7, Shared2FC box head
@@ -29,6 +30,7 @@ import inspect
 import os
 import re
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,11 +41,22 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 from ..errors import RMTError, did_you_mean
 from ..models.backbone import RMTBackbone, official_backbone_state
+from ..models.hub import hub_weights_file
 from ..models.weights import read_weights
 from ..training.config import config_from_dict
+from ..training.dense_checkpoints import (
+    config_disagrees,
+    load_exactly,
+    load_fitting,
+    official_backbone_settings,
+    official_backbone_variant,
+    official_class_names,
+    parse_official_config,
+    read_official_file,
+)
 from .cascade import CascadeRoIHeads
 from .config import ARCHS, DetConfig
-from .ops import GridAnchors, ImageMeta
+from .ops import MASK_THRESHOLD, GridAnchors, ImageMeta
 from .rcnn import (
     ANCHOR_STRIDES,
     ConvFCBoxHead,
@@ -53,11 +66,12 @@ from .rcnn import (
     StandardRoIHeads,
     check_anchor_sizes,
 )
-from .retinanet import RetinaNet, RMTWithRetinaFPN, retina_anchors
+from .retinanet import RetinaNet, RMTWithRetinaFPN, official_retinanet_state, retina_anchors
 from .transform import DetectionTransform
 
 __all__ = ["ARCHS", "build_detector", "RMTWithFPN", "RCNN", "has_masks", "detector_kwargs", "detector_from_checkpoint",
-           "official_rcnn_state", "RCNN_OPTIONS"]
+           "official_rcnn_state", "RCNN_OPTIONS", "read_detector_checkpoint", "init_detector_from",
+           "official_detector_state", "read_official_detector", "official_detector_config"]
 
 
 class RMTWithFPN(nn.Module):
@@ -176,8 +190,8 @@ def build_detector(arch: str, backbone: str = "rmt_t", num_classes: int = 80,
         backbone_kwargs: :class:`rmt.models.RMTBackbone` options (``frozen_stages``, ``norm_eval``,
             ``drop_path_rate``, ``decomposed``, ``grad_checkpointing``).
         detector_kwargs: for the R-CNNs :data:`RCNN_OPTIONS` (``min_size``, ``max_size``,
-            ``box_score_thresh``, ``rpn_post_nms_top_n_test``, ...); for RetinaNet :class:`rmt.detection.retinanet.RetinaNet`'s options
-            (``score_thresh``, ``detections_per_img``, ...).
+            ``box_score_thresh``, ``rpn_post_nms_top_n_test``, ...); for RetinaNet
+            :class:`rmt.detection.retinanet.RetinaNet`'s options (``score_thresh``, ``detections_per_img``, ...).
     """
     if arch not in ARCHS:
         raise RMTError(f"unknown detector {arch!r}{did_you_mean(arch, ARCHS)}; choose from {', '.join(ARCHS)}")
@@ -248,12 +262,185 @@ def official_rcnn_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     return out
 
 
+# ------------------------------------------------------------------------------ checkpoints
 def detector_from_checkpoint(path: str | os.PathLike) -> Tuple[nn.Module, DetConfig, List[str]]:
-    """``(model in eval mode, DetConfig, class names)`` from a detection run's ``model.safetensors`` or
-    ``best.pth``/``last.pth``."""
-    state, meta = read_weights(path, task="detection")
-    cfg = config_from_dict(DetConfig, meta["config"])
-    class_names = list(meta["class_names"])
+    """``(model in eval mode, DetConfig, class names)`` from any detection checkpoint
+    (:func:`read_detector_checkpoint`: a run's files, a model folder, an official mmdet file)."""
+    state, cfg, class_names = read_detector_checkpoint(path)
     model = build_detector(cfg.arch, num_classes=len(class_names), **detector_kwargs(cfg))
-    model.load_state_dict(state)
+    load_exactly(model, state, f"{path}: {cfg.arch} {cfg.backbone} with {len(class_names)} classes")
     return model.eval(), cfg, class_names
+
+
+def read_detector_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], DetConfig, List[str]]:
+    """``(state dict in our layout, DetConfig, class names)`` of a detection run's ``model.safetensors``,
+    ``best.pth`` or ``last.pth``, of a model folder written by ``rmt convert`` (its ``model.safetensors``),
+    or of an official (mmdet 2.11) RMT detector checkpoint (:func:`read_official_detector`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = hub_weights_file(path)
+    official = read_official_detector(path)
+    if official is not None:
+        return official
+    state, meta = read_weights(path, task="detection")
+    return state, config_from_dict(DetConfig, meta["config"]), list(meta["class_names"])
+
+
+def init_detector_from(model: nn.Module, path: str | os.PathLike, cfg: DetConfig) -> Dict[str, List]:
+    """Start ``model`` (built from ``cfg``) from the weights of a whole detector of the same architecture,
+    backbone and neck width (any file :func:`read_detector_checkpoint` reads), for fine-tuning: every tensor
+    of the same name and shape is loaded; the others -- with another class count, the class-specific
+    layers (``fc_cls``, class-specific ``fc_reg``, ``conv_logits``, ``retina_cls``) -- keep their fresh
+    initialisation. Returns :func:`rmt.training.dense_checkpoints.load_fitting`'s report."""
+    state, source, class_names = read_detector_checkpoint(path)
+    if (source.arch, source.backbone, source.neck_channels) != (cfg.arch, cfg.backbone, cfg.neck_channels):
+        raise RMTError(f"--init-from {path} holds a {source.arch} with {source.backbone} and neck_channels "
+                       f"{source.neck_channels}, the config builds a {cfg.arch} with {cfg.backbone} and neck_channels "
+                       f"{cfg.neck_channels}: set arch, backbone and neck_channels to the file's")
+    return load_fitting(model, state, len(class_names))
+
+
+# ------------------------------------------------------------------ official (mmdet) checkpoints
+_OFFICIAL_TYPES = {"MaskRCNN": "mask_rcnn", "FasterRCNN": "faster_rcnn", "CascadeRCNN": "cascade_mask_rcnn",
+                   "RetinaNet": "retinanet"}  # mmdet detector type -> our arch
+_EXPECTED_DETECTORS = ("an mmdet RMT Mask R-CNN (roi_head.mask_head), Faster R-CNN (roi_head.bbox_head), Cascade "
+                       "Mask R-CNN (roi_head.bbox_head.0, roi_head.mask_head.0) or RetinaNet (bbox_head.retina_cls)")
+
+
+def official_detector_state(state_dict: Dict[str, torch.Tensor], arch: str) -> Dict[str, torch.Tensor]:
+    """An official mmdet state dict of ``arch`` in our layout (:func:`official_rcnn_state`,
+    :func:`rmt.detection.retinanet.official_retinanet_state`)."""
+    return official_retinanet_state(state_dict) if arch == "retinanet" else official_rcnn_state(state_dict)
+
+
+def read_official_detector(path: str | os.PathLike) -> Optional[Tuple[Dict[str, torch.Tensor], DetConfig, List[str]]]:
+    """An official detection checkpoint (mmcv ``{"meta", "state_dict", "optimizer"}``, mmdet keys) as
+    ``(state dict in our layout, DetConfig, class names)``; ``None`` for a file of another layout.
+
+    Architecture, variant, class count and neck width come from the keys and shapes
+    (:func:`official_detector_config`), checked against ``meta["config"]`` when that text parses;
+    class names from ``meta["CLASSES"]`` (else ``class_<i>``)."""
+    official = read_official_file(path)
+    if official is None:
+        return None
+    cfg, num_classes = official_detector_config(official.state, official.config_text, where=str(path))
+    return (official_detector_state(official.state, cfg.arch), cfg,
+            official_class_names(official.meta, num_classes))
+
+
+def _official_arch(state: Dict[str, torch.Tensor], where: str) -> str:
+    if any(k.startswith("roi_head.bbox_head.0.") for k in state):
+        if not any(k.startswith("roi_head.mask_head.0.") for k in state):
+            raise RMTError(f"{where}: a Cascade R-CNN without mask heads (no roi_head.mask_head.0); expected "
+                           f"{_EXPECTED_DETECTORS}")
+        return "cascade_mask_rcnn"
+    if any(k.startswith("roi_head.mask_head.") for k in state):
+        return "mask_rcnn"
+    if any(k.startswith("roi_head.bbox_head.") for k in state):
+        return "faster_rcnn"
+    if "bbox_head.retina_cls.weight" in state:
+        return "retinanet"
+    found = sorted({k.split(".")[0] for k in state})
+    raise RMTError(f"{where}: not an official detector (found top-level keys {', '.join(found[:6])}); expected "
+                   f"{_EXPECTED_DETECTORS}")
+
+
+def _official_class_count(state: Dict[str, torch.Tensor], arch: str, where: str) -> int:
+    """Classes without the background: R-CNN ``fc_cls`` (K + 1 rows, background last), RetinaNet
+    ``retina_cls`` (K per anchor, as many anchors as ``retina_reg`` has boxes); the masks' ``conv_logits`` agree."""
+    if arch == "retinanet":
+        anchors = state["bbox_head.retina_reg.weight"].shape[0] // 4
+        rows = state["bbox_head.retina_cls.weight"].shape[0]
+        if anchors < 1 or rows % anchors:
+            raise RMTError(f"{where}: retina_cls has {rows} outputs, not a multiple of the {anchors} anchors of "
+                           f"retina_reg")
+        return rows // anchors
+    stage = "0." if arch == "cascade_mask_rcnn" else ""
+    count = state[f"roi_head.bbox_head.{stage}fc_cls.weight"].shape[0] - 1
+    logits = state.get(f"roi_head.mask_head.{stage}conv_logits.weight")
+    if logits is not None and logits.shape[0] != count:
+        raise RMTError(f"{where}: the box head predicts {count} classes, the mask head {logits.shape[0]}")
+    return count
+
+
+def official_detector_config(state: Dict[str, torch.Tensor], config_text: Optional[str] = None,
+                             where: str = "checkpoint") -> Tuple[DetConfig, int]:
+    """``(DetConfig, class count)`` of an official RMT detector from its state dict (mmdet keys):
+
+    * architecture: ``roi_head.bbox_head.0.`` -> Cascade Mask R-CNN, ``roi_head.mask_head`` -> Mask R-CNN,
+      ``roi_head.bbox_head`` -> Faster R-CNN, ``bbox_head.retina_cls`` -> RetinaNet;
+    * backbone variant: the widths and depths of ``backbone.layers``, and which stages have layer scale;
+    * classes: ``fc_cls`` / ``retina_cls`` (and ``conv_logits``); neck width: the FPN's output convs.
+
+    ``config_text`` (the file's ``meta["config"]``), when it parses, must agree with the weights; it adds
+    the backbone's decomposed stages and drop path, the test scale, the anchors and the test settings
+    (score threshold, detections and RPN proposals per image), and its NMS settings must be the ones our
+    detectors compute. Anything not recognised is one :class:`RMTError` line saying what was found and
+    what was expected."""
+    arch = _official_arch(state, where)
+    variant, found = official_backbone_variant(state, where)
+    num_classes = _official_class_count(state, arch, where)
+    if "neck.fpn_convs.0.conv.weight" not in state:
+        raise RMTError(f"{where}: no FPN (neck.fpn_convs.0.conv); expected {_EXPECTED_DETECTORS}")
+    width = int(state["neck.fpn_convs.0.conv.weight"].shape[0])
+    settings: Dict[str, Any] = dict(arch=arch, backbone=variant, neck_channels=width)
+    model_cfg, test_scale = parse_official_config(config_text) if config_text else (None, None)
+    if model_cfg is not None:
+        settings.update(_settings_from_config(model_cfg, arch, num_classes, width, found, where))
+    if test_scale is not None:
+        settings.update(max_size=max(test_scale), min_size=[min(test_scale)])
+    return config_from_dict(DetConfig, settings), num_classes
+
+
+def _dict(value: Any) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _settings_from_config(model_cfg: Dict[str, Any], arch: str, num_classes: int, width: int, found: Dict[str, Any],
+                          where: str) -> Dict[str, Any]:
+    """What the parsed official ``model`` config adds to the settings read off the weights, after
+    checking that the two agree (and that its NMS is what :func:`build_detector` computes)."""
+    kind = model_cfg.get("type")
+    if kind is not None and _OFFICIAL_TYPES.get(kind) != arch:
+        raise config_disagrees(where, "detector", kind, f"{arch} (expected {' or '.join(_OFFICIAL_TYPES)})")
+    out = official_backbone_settings(model_cfg, found, where)
+    neck = _dict(model_cfg.get("neck"))
+    if isinstance(neck.get("out_channels"), int) and neck["out_channels"] != width:
+        raise config_disagrees(where, "neck out_channels", neck["out_channels"], width)
+    if arch == "retinanet":
+        head = _dict(model_cfg.get("bbox_head"))
+        anchors = _dict(head.get("anchor_generator"))
+        base, strides = anchors.get("octave_base_scale"), anchors.get("strides")
+        test, rpn_kept = _dict(model_cfg.get("test_cfg")), None
+        nms_checks = (("test_cfg nms_pre", test.get("nms_pre"), 1000),
+                      ("test_cfg nms iou_threshold", _dict(test.get("nms")).get("iou_threshold"), 0.5))
+    else:
+        roi = _dict(model_cfg.get("roi_head"))
+        heads = roi.get("bbox_head")
+        head = _dict(heads[0] if isinstance(heads, list) and heads else heads)
+        anchors = _dict(_dict(model_cfg.get("rpn_head")).get("anchor_generator"))
+        scales, strides = anchors.get("scales"), anchors.get("strides")
+        base = scales[0] if isinstance(scales, list) and len(scales) == 1 else None
+        test = _dict(_dict(model_cfg.get("test_cfg")).get("rcnn"))
+        rpn = _dict(_dict(model_cfg.get("test_cfg")).get("rpn"))
+        rpn_kept = rpn.get("max_per_img")
+        nms_checks = (("test_cfg rpn nms_pre", rpn.get("nms_pre"), RCNN_OPTIONS["rpn_pre_nms_top_n_test"]),
+                      ("test_cfg rpn nms iou_threshold", _dict(rpn.get("nms")).get("iou_threshold"),
+                       RCNN_OPTIONS["rpn_nms_thresh"]),
+                      ("test_cfg rcnn nms iou_threshold", _dict(test.get("nms")).get("iou_threshold"),
+                       RCNN_OPTIONS["box_nms_thresh"]),
+                      ("test_cfg rcnn mask_thr_binary", test.get("mask_thr_binary"), MASK_THRESHOLD))
+    if head.get("num_classes") is not None and head["num_classes"] != num_classes:
+        raise config_disagrees(where, "num_classes", head["num_classes"], num_classes)
+    for what, value, ours in nms_checks:
+        if value is not None and value != ours:
+            raise RMTError(f"{where}: its config sets {what} {value}; the detectors here compute {ours}")
+    if isinstance(base, (int, float)) and isinstance(strides, list) and len(strides) == 5:
+        out["anchor_sizes"] = [int(base * s) for s in strides]
+    if isinstance(test.get("score_thr"), (int, float)):
+        out["score_thresh"] = float(test["score_thr"])
+    if isinstance(test.get("max_per_img"), int):
+        out["detections_per_img"] = test["max_per_img"]
+    if isinstance(rpn_kept, int):
+        out["rpn_post_nms_test"] = rpn_kept
+    return out

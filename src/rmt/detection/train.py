@@ -2,8 +2,10 @@
 
 The data are COCO-format (:class:`rmt.data.coco.CocoDetection`; the bundled shapes when ``cfg.data``
 is None), the model :func:`rmt.detection.models.build_detector` (it returns its losses in train
-mode), AdamW with a linear warm-up, then the learning rate multiplied by ``lr_gamma`` after each
-epoch in ``lr_steps`` (1x: 12 epochs, steps at 8 and 11; 3x: 36 epochs, steps at 27 and 33). Every
+mode; ``init_from`` starts it from a whole detector, e.g. an official file:
+:func:`rmt.detection.models.init_detector_from`, reported in the log), AdamW with a linear
+warm-up, then the learning rate multiplied by ``lr_gamma`` after each epoch in ``lr_steps`` (1x: 12
+epochs, steps at 8 and 11; 3x: 36 epochs, steps at 27 and 33). Every
 ``eval_interval`` epochs: COCO box (and mask) AP on the validation split and a round of the run
 (``metrics.csv`` row, ``last.pth``, ``best.pth`` by box AP). The run directory, resume and signals
 are :class:`rmt.training.run.TrainingRun`'s; the optimizer step's pieces are
@@ -23,12 +25,13 @@ from torchvision.transforms.functional import to_pil_image
 from ..data.coco import CocoDetection, coco_split_paths, collate_detection, detection_transforms
 from ..data.shapes import SPLITS, ensure_shapes
 from ..runtime.draw import draw_detections
+from ..training.dense_checkpoints import describe_init
 from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule
 from .config import DetConfig
 from .evaluate import evaluate
-from .models import build_detector, detector_kwargs
+from .models import build_detector, detector_kwargs, init_detector_from
 
 __all__ = ["train", "detection_data", "METRIC_COLUMNS"]
 
@@ -86,6 +89,7 @@ def train(cfg: DetConfig) -> RunResult:
     with TrainingRun(cfg, task="detection", spec=SPEC, default_output=output, command="rmt det train") as run:
         model = build_detector(cfg.arch, num_classes=len(data.class_names), backbone_weights=cfg.backbone_weights,
                                **detector_kwargs(cfg))
+        init = init_detector_from(model, cfg.init_from, cfg) if cfg.init_from is not None else None
         # e.g. the mask head is unused when a batch has no positive RoI
         model, ddp = run.prepare_model(model, find_unused_parameters=True)
         optimizer = create_optimizer(model, "adamw", run.device, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -102,6 +106,8 @@ def train(cfg: DetConfig) -> RunResult:
                       f"{len(data.class_names)} classes", f"{len(data.train)} train / {len(data.val)} val images "
                       f"({data.name})", f"{cfg.batch_size} images per process, {cfg.epochs} epochs of "
                       f"{updates_per_epoch} iterations")
+        if init is not None:
+            run.log(describe_init(cfg.init_from, init, len(data.class_names)))
 
         for epoch in run.epochs(cfg.epochs):
             ddp.train()

@@ -50,9 +50,6 @@ class SegConfig(DenseRunConfig):
                             choices=("whole", "slide"))
     slide_stride: Optional[List[int]] = option(None, "sliding-window stride (default: 2/3 of crop_size)",
                                                check="positive")
-    init_from: Optional[str] = option(None, "start from a whole segmentor of the same arch and backbone (an official "
-                                            "mmseg .pth, a run's model.safetensors or best.pth): what fits is loaded, "
-                                            "the classifiers are reinitialised for another class count")
 
     def check(self) -> None:
         super().check()
@@ -62,5 +59,3 @@ class SegConfig(DenseRunConfig):
         if self.ratio_range[0] > self.ratio_range[1]:
             raise RMTError(f"ratio_range must be (low, high), got {self.ratio_range}")
         split_name(self.backbone)
-        if self.init_from is not None and self.backbone_weights is not None:
-            raise RMTError("give init_from (a whole segmentor) or backbone_weights (ImageNet weights), not both")

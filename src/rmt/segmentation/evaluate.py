@@ -27,9 +27,10 @@ from ..errors import RMTError
 from ..runtime.precision import autocast
 from ..runtime.processes import DistInfo, ShardSampler, all_reduce_sum, resolve_device
 from ..runtime.progress import progress_bar
+from ..training.dense_checkpoints import check_class_names
 from .models import segmentor_from_checkpoint
 
-__all__ = ["confusion_matrix", "segmentation_metrics", "evaluate", "evaluate_checkpoint", "check_classes"]
+__all__ = ["confusion_matrix", "segmentation_metrics", "evaluate", "evaluate_checkpoint"]
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
@@ -93,24 +94,6 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
     return dict(segmentation_metrics(total, class_names), images=len(dataset))
 
 
-def _plain(name: str) -> str:
-    return name.strip().lower()
-
-
-def check_classes(found: Optional[Sequence[str]], class_names: Sequence[str], root, checkpoint) -> None:
-    """Raise one :class:`RMTError` line when a dataset's class list (``found``; ``None``: unnamed, its
-    labels are checked against the class count instead) is not the model's ``class_names``."""
-    if found is None or [_plain(n) for n in found] == [_plain(n) for n in class_names]:
-        return
-    if len(found) != len(class_names):
-        problem = f"names {len(found)} classes ({', '.join(found[:4])}...), the model predicts {len(class_names)}"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(found, class_names)) if _plain(a) != _plain(b))
-        problem = f"names class {i} {found[i]!r}, the model {class_names[i]!r}"
-    raise RMTError(f"{root} {problem} ({', '.join(class_names[:4])}...): evaluate on data with the model's classes, "
-                   f"or fine-tune it on these first (rmt seg train --init-from {checkpoint})")
-
-
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
                         device: str = "auto", mode: Optional[str] = None, workers: int = 0,
                         max_samples: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
@@ -127,7 +110,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
     data = data if data is not None else cfg.data
     root = data if data is not None else ensure_shapes()
     split = split or (cfg.val_split if data is not None else SPLITS[1])
-    check_classes(read_class_names(Path(root)), class_names, root, checkpoint)  # before reading the labels
+    check_class_names(read_class_names(Path(root)), class_names, root,  # before reading the labels
+                      fine_tune=f"rmt seg train --init-from {checkpoint}")
     dataset = ADE20KDataset(root, split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, max_samples,
                             num_classes=len(class_names))
     if len(dataset) == 0:

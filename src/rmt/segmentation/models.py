@@ -15,10 +15,8 @@ Evaluation and prediction prepare images as the official ADE20K test pipeline do
 """
 from __future__ import annotations
 
-import ast
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,9 +29,18 @@ from ..data.ade20k import IGNORE_INDEX
 from ..errors import RMTError, did_you_mean
 from ..models.backbone import RMTBackbone, official_backbone_state
 from ..models.hub import hub_weights_file
-from ..models.rmt import MODEL_ARGS
-from ..models.weights import META_KEY, infer_arch, open_checkpoint, read_weights, unwrap_state_dict
+from ..models.weights import read_weights
 from ..training.config import config_from_dict
+from ..training.dense_checkpoints import (
+    config_disagrees,
+    load_exactly,
+    load_fitting,
+    official_backbone_settings,
+    official_backbone_variant,
+    official_class_names,
+    parse_official_config,
+    read_official_file,
+)
 from .config import ARCHS, SegConfig
 from .heads import FCNHead, SemanticFPNHead, UPerHead, upsample
 
@@ -183,7 +190,7 @@ def segmentor_from_checkpoint(path: str | os.PathLike) -> Tuple[Segmentor, SegCo
     state, cfg, class_names = read_segmentor_checkpoint(path)
     arch, kwargs = segmentor_kwargs(cfg)
     model = build_segmentor(arch, num_classes=len(class_names), **kwargs)
-    _load_exactly(model, state, f"{path}: {cfg.arch} {cfg.backbone} with {len(class_names)} classes")
+    load_exactly(model, state, f"{path}: {cfg.arch} {cfg.backbone} with {len(class_names)} classes")
     return model.eval(), cfg, class_names
 
 
@@ -213,24 +220,7 @@ def init_segmentor_from(model: Segmentor, path: str | os.PathLike, cfg: SegConfi
     if (source.arch, source.backbone) != (cfg.arch, cfg.backbone):
         raise RMTError(f"--init-from {path} holds a {source.arch} with {source.backbone}, the config builds a "
                        f"{cfg.arch} with {cfg.backbone}: set arch and backbone to the file's")
-    target = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
-    model.load_state_dict(fits, strict=False)
-    return dict(loaded=sorted(fits), reinitialised=sorted(k for k in target if k not in fits),
-                unused=sorted(k for k in state if k not in target), classes=[len(class_names)])
-
-
-def _load_exactly(model: nn.Module, state: Dict[str, torch.Tensor], what: str) -> None:
-    """Load ``state`` into ``model``, every key and shape checked; one line naming the first misfits."""
-    target = model.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    wrong = sorted(k for k in target if k in state and state[k].shape != target[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{name} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong)) if keys]
-        raise RMTError(f"{what}: the weights do not fit the model ({'; '.join(parts)})")
-    model.load_state_dict(state)
+    return load_fitting(model, state, len(class_names))
 
 
 # ------------------------------------------------------------------ official (mmseg) checkpoints
@@ -270,23 +260,11 @@ def read_official_segmentor(path: str | os.PathLike
     Architecture, variant, class count and head width come from the keys and shapes
     (:func:`official_segmentor_config`), checked against ``meta["config"]`` when that text parses;
     class names from ``meta["CLASSES"]`` (else ``class_<i>``)."""
-    path = Path(path)
-    raw = open_checkpoint(path) if path.is_file() and path.suffix != ".safetensors" else None
-    if not (isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict) and "model" not in raw):
+    official = read_official_file(path)
+    if official is None:
         return None
-    state = unwrap_state_dict({"state_dict": raw["state_dict"]})
-    meta = raw.get(META_KEY) if isinstance(raw.get(META_KEY), dict) else {}
-    config_text = meta.get("config") if isinstance(meta.get("config"), str) else None
-    cfg = official_segmentor_config(state, config_text, where=str(path))
-    classes = meta.get("CLASSES")
-    class_names = [str(c).strip() for c in classes] if isinstance(classes, (list, tuple)) and \
-        len(classes) == cfg.num_classes else [f"class_{i}" for i in range(cfg.num_classes)]
-    return official_segmentor_state(state), cfg, class_names
-
-
-def _variant_table() -> str:
-    return ", ".join(f"{name} (widths {'-'.join(map(str, a['embed_dims']))}, depths {'-'.join(map(str, a['depths']))})"
-                     for name, a in MODEL_ARGS.items())
+    cfg = official_segmentor_config(official.state, official.config_text, where=str(path))
+    return official_segmentor_state(official.state), cfg, official_class_names(official.meta, cfg.num_classes)
 
 
 def official_segmentor_config(state: Dict[str, torch.Tensor], config_text: Optional[str] = None,
@@ -313,19 +291,7 @@ def official_segmentor_config(state: Dict[str, torch.Tensor], config_text: Optio
         heads = sorted({k.split(".")[1] for k in state if k.startswith("decode_head.") and k.count(".") > 1})
         raise RMTError(f"{where}: an mmseg decode head with {', '.join(heads) or 'only conv_seg'}; expected "
                        f"UperNet (decode_head.psp_modules) or Semantic FPN (decode_head.scale_heads)")
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    found = infer_arch(backbone)
-    variant = next((name for name, a in MODEL_ARGS.items() if found is not None
-                    and (a["embed_dims"], a["depths"]) == (found["embed_dims"], found["depths"])), None)
-    if variant is None:
-        seen = (f"widths {'-'.join(map(str, found['embed_dims']))}, depths {'-'.join(map(str, found['depths']))}"
-                if found is not None else "no backbone.layers.<i>.blocks")
-        raise RMTError(f"{where}: RMT backbone not recognised (found {seen}); expected one of {_variant_table()}")
-    scaled = tuple(f"layers.{i}.blocks.0.gamma_1" in backbone for i in range(4))
-    expected = tuple(MODEL_ARGS[variant].get("layer_scale", (False,) * 4))
-    if scaled != expected:
-        raise RMTError(f"{where}: an {variant} backbone with layer scale in stages {_stages(scaled)}; the released "
-                       f"{variant} has it in stages {_stages(expected)}")
+    variant, found = official_backbone_variant(state, where)
     classes, channels = state["decode_head.conv_seg.weight"].shape[:2]
     settings: Dict[str, object] = dict(arch=arch, backbone=variant, num_classes=int(classes), channels=int(channels),
                                        aux_weight=0.4 if "auxiliary_head.conv_seg.weight" in state else 0.0)
@@ -337,77 +303,20 @@ def official_segmentor_config(state: Dict[str, torch.Tensor], config_text: Optio
     return config_from_dict(SegConfig, settings)
 
 
-def _stages(flags: Sequence[bool]) -> str:
-    return ", ".join(str(i) for i, f in enumerate(flags) if f) or "none"
-
-
 def _settings_from_config(model_cfg: Dict, settings: Dict, found: Dict, where: str) -> Dict[str, object]:
     """What the parsed official ``model`` config adds to ``settings`` (read off the weights), after
     checking that the two agree."""
-    def disagree(what: str, config_value, weights_value) -> RMTError:
-        return RMTError(f"{where}: its config says {what} {config_value}, its weights {weights_value}")
-
-    out: Dict[str, object] = {}
-    body = model_cfg.get("backbone") if isinstance(model_cfg.get("backbone"), dict) else {}
     head = model_cfg.get("decode_head") if isinstance(model_cfg.get("decode_head"), dict) else {}
     head_type = head.get("type")
     if head_type is not None and _OFFICIAL_HEADS.get(head_type) != settings["arch"]:
-        raise disagree("decode head", head_type, f"{settings['arch']} (expected "
-                       f"{' or '.join(_OFFICIAL_HEADS)})")
-    for key, ours in (("embed_dims", "embed_dims"), ("depths", "depths")):
-        value = body.get(key)
-        if isinstance(value, list) and tuple(value) != tuple(found[ours]):
-            raise disagree(f"backbone {key}", value, list(found[ours]))
+        raise config_disagrees(where, "decode head", head_type, f"{settings['arch']} (expected "
+                               f"{' or '.join(_OFFICIAL_HEADS)})")
+    out = official_backbone_settings(model_cfg, found, where)
     if head.get("num_classes") is not None and head["num_classes"] != settings["num_classes"]:
-        raise disagree("num_classes", head["num_classes"], settings["num_classes"])
-    decomposed = body.get("chunkwise_recurrents")
-    if isinstance(decomposed, list) and len(decomposed) == 4 and all(isinstance(d, bool) for d in decomposed):
-        out["decomposed"] = decomposed
-    if isinstance(body.get("drop_path_rate"), (int, float)) and not isinstance(body["drop_path_rate"], bool):
-        out["drop_path"] = float(body["drop_path_rate"])
+        raise config_disagrees(where, "num_classes", head["num_classes"], settings["num_classes"])
     test = model_cfg.get("test_cfg") if isinstance(model_cfg.get("test_cfg"), dict) else {}
     if test.get("mode") in ("whole", "slide"):
         out["test_mode"] = test["mode"]
         if test["mode"] == "slide":
             out.update(crop_size=list(test["crop_size"]), slide_stride=list(test["stride"]))
     return out
-
-
-def parse_official_config(text: str) -> Tuple[Optional[Dict], Optional[Tuple[int, int]]]:
-    """``(model dict, test img_scale)`` from an official config's text (mmcv ``pretty_text``: Python
-    assignments of ``dict(...)`` literals), read without executing it; ``(None, None)`` when it does not
-    parse. Values other than literals (e.g. ``1500 // gpu_multipliers``) read as ``None``."""
-    try:
-        with warnings.catch_warnings():  # configs hold strings like 'path\/x' (an invalid escape, kept as is)
-            warnings.simplefilter("ignore", SyntaxWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return None, None
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            found[node.targets[0].id] = _literal(node.value)
-    model = found.get("model") if isinstance(found.get("model"), dict) else None
-    scale = None
-    for step in found.get("test_pipeline") or []:
-        if isinstance(step, dict) and step.get("type") == "MultiScaleFlipAug":
-            value = step.get("img_scale")
-            if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
-                scale = (value[0], value[1])
-    return model, scale
-
-
-def _literal(node: ast.AST):
-    """A config value: ``dict(k=v)``, ``{...}``, lists, tuples (as lists) and constants; else ``None``."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(v) for v in node.elts]
-    if isinstance(node, ast.Dict):
-        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values) if k is not None}
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
-        return {kw.arg: _literal(kw.value) for kw in node.keywords if kw.arg is not None}
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
-        return -node.operand.value
-    return None

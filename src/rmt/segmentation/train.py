@@ -25,6 +25,7 @@ from ..data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, co
 from ..data.shapes import SPLITS, ensure_shapes
 from ..errors import RMTError
 from ..runtime.draw import draw_segmentation
+from ..training.dense_checkpoints import describe_init
 from ..training.optim import create_optimizer
 from ..training.run import RoundSpec, RunResult, TrainingRun, default_output
 from ..training.schedule import warmup_schedule
@@ -69,18 +70,6 @@ def segmentation_data(cfg: SegConfig) -> SegmentationData:
     val = ADE20KDataset(root, val_split, SegEvalTransform(cfg.scale), cfg.reduce_zero_label, cfg.max_val_samples,
                         len(names))
     return SegmentationData("shapes" if cfg.data is None else str(root), train, val, names)
-
-
-def describe_init(path: str, report: Dict[str, List], num_classes: int) -> str:
-    """The log line of a run started from a whole segmentor (:func:`init_segmentor_from`'s report)."""
-    line = f"started from {path}: {len(report['loaded'])} tensors loaded"
-    if report["reinitialised"]:
-        keys = report["reinitialised"]
-        line += (f"; reinitialised ({report['classes'][0]} -> {num_classes} classes): "
-                 f"{', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
-    if report["unused"]:
-        line += f"; not used: {len(report['unused'])} tensors ({', '.join(report['unused'][:3])} ...)"
-    return line
 
 
 @torch.no_grad()

@@ -179,6 +179,10 @@ class DenseRunConfig(RunConfig):
 
     backbone: str = option("rmt_t", "backbone variant (rmt_t, rmt_s, rmt_b, rmt_l)")
     backbone_weights: Optional[str] = option(None, "ImageNet weights for the backbone (official .pth or ours)")
+    init_from: Optional[str] = option(None, "start from a whole model of the same arch and backbone (an official "
+                                            "mmdet/mmseg .pth, a run's model.safetensors or best.pth): what fits is "
+                                            "loaded, the class-specific layers are reinitialised for another class "
+                                            "count")
     drop_path: Optional[float] = option(None, "backbone stochastic depth (default: the variant's)", check="below_one")
     decomposed: Optional[List[bool]] = option(None, "per stage, decomposed MaSA (default: the variant's)")
     frozen_stages: int = option(-1, "freeze the stem (0) and the first N stages (N >= 1); -1 trains all")
@@ -197,6 +201,8 @@ class DenseRunConfig(RunConfig):
             raise RMTError(f"decomposed needs 4 values (one per stage), got {len(self.decomposed)}")
         if not -1 <= self.frozen_stages <= 4:
             raise RMTError(f"frozen_stages must be in -1..4, got {self.frozen_stages}")
+        if self.init_from is not None and self.backbone_weights is not None:
+            raise RMTError("give init_from (a whole model) or backbone_weights (ImageNet weights), not both")
 
 
 # ----------------------------------------------------------------------------------- values
