@@ -25,11 +25,10 @@ from rmt.segmentation.models import (
     init_segmentor_from,
     official_segmentor_config,
     official_segmentor_state,
-    parse_official_config,
     segmentor_from_checkpoint,
 )
-from rmt.segmentation.train import describe_init
 from rmt.tools.convert import find_converter
+from rmt.training.dense_checkpoints import describe_init, parse_official_config
 
 CASES = {"fpn_t": ("semantic_fpn", "rmt_t"), "uper_t": ("upernet", "rmt_t"), "fpn_s": ("semantic_fpn", "rmt_s"),
          "uper_s": ("upernet", "rmt_s")}

@@ -46,7 +46,7 @@ from .heads import FCNHead, SemanticFPNHead, UPerHead, upsample
 
 __all__ = ["Segmentor", "build_segmentor", "ARCHS", "slide_inference", "segmentor_kwargs", "segmentor_from_checkpoint",
            "read_segmentor_checkpoint", "init_segmentor_from", "official_segmentor_state", "read_official_segmentor",
-           "official_segmentor_config", "parse_official_config"]
+           "official_segmentor_config"]
 
 
 class Segmentor(nn.Module):
