@@ -30,9 +30,10 @@ from ..errors import RMTError
 from ..files import atomic_write_text, output_folder
 from ..models.factory import convert_checkpoint, hub_output
 from ..models.hub import HUB_CARD, HUB_CONFIG, HUB_WEIGHTS
-from ..models.weights import save_weights
+from ..models.weights import META_KEY, open_checkpoint, read_metadata, save_weights
 
-__all__ = ["Converter", "register_converter", "find_converter", "convert", "save_model_folder"]
+__all__ = ["Converter", "register_converter", "find_converter", "convert", "save_model_folder", "holds_task",
+           "model_card", "write_dense_model"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,54 @@ def save_model_folder(model: nn.Module, folder: str | os.PathLike, metadata: Map
         atomic_write_text(staging / HUB_CARD, "\n".join(card) + "\n")
         atomic_write_text(staging / HUB_CONFIG, json.dumps(dict(config), indent=2) + "\n")
     return folder
+
+
+def holds_task(path: Path, task: str, official: Callable[[Mapping[str, Any]], bool]) -> bool:
+    """Whether ``path`` holds a model of ``task`` (``"detection"``, ``"segmentation"``): a model folder or
+    ``.safetensors`` whose metadata names the task, a run checkpoint of it, or an official mmcv checkpoint
+    whose ``state_dict`` ``official`` accepts. False for files that cannot be read (the classification
+    converter reports those)."""
+    try:
+        if path.is_dir():
+            config = json.loads((path / HUB_CONFIG).read_text(encoding="utf-8"))
+            return isinstance(config, dict) and config.get("task") == task
+        if path.suffix == ".safetensors":
+            return read_metadata(path).get("task") == task
+        raw = open_checkpoint(path)
+    except (RMTError, OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(raw, dict):
+        return False
+    meta = raw.get(META_KEY)
+    if isinstance(meta, dict) and meta.get("task") == task:
+        return True
+    state = raw.get("state_dict")
+    return isinstance(state, dict) and "model" not in raw and official(state)
+
+
+def model_card(tag: str, title: str, what: str, facts: List[str], commands: List[str], python: str) -> List[str]:
+    """The ``README.md`` lines of a dense model folder: Hub tags, title, the paper, ``facts`` as a list, the
+    ``rmt`` commands that use the folder and the Python line that loads it."""
+    return [
+        "---", "tags:", f"- {tag}", "- rmt", "---", f"# {title}", "",
+        "RMT (\"RMT: Retentive Networks Meet Vision Transformers\", Fan et al., CVPR 2024, "
+        f"[arXiv:2309.11523](https://arxiv.org/abs/2309.11523)) {what}, written by the `rmt` package.", "",
+        *(f"- {fact}" for fact in facts), "",
+        "## Use", "", "```", *commands, "```", "", f"or in Python: `{python}`.",
+    ]
+
+
+def write_dense_model(task: str, model: nn.Module, cfg: Any, class_names: List[str], source: str, dst: Path,
+                      hub: bool, overwrite: bool, card: List[str]) -> Tuple[str, Path]:
+    """A dense task's model (``cfg``: its run config, with ``arch`` and ``backbone``) written as our model file
+    ``dst`` -- the state dict with the task, config and class names in its metadata, what a run's
+    ``model.safetensors`` is -- or, with ``hub``, as a model folder with ``card``. Returns
+    ``("<arch> <backbone>", written path)``."""
+    metadata = dict(task=task, model=cfg.backbone, num_classes=len(class_names), class_names=list(class_names),
+                    config=cfg.to_dict(), source=source)
+    description = f"{cfg.arch} {cfg.backbone}"
+    if not hub:
+        return description, save_weights(model, dst, metadata)
+    config = dict(task=task, arch=cfg.arch, backbone=cfg.backbone, num_classes=len(class_names),
+                  label_names=list(class_names), config=cfg.to_dict())
+    return description, save_model_folder(model, dst, metadata, config, card, overwrite)
