@@ -2,8 +2,10 @@
 compared with PyTorch (max abs diff <= 1e-4 in float32); and the deployment exports: constant weights,
 `--static` graphs (fixed shapes, MaSA tables as initializers, no control flow), int8 static quantization with
 its accuracy report, and ONNX Runtime in `rmt benchmark`."""
+import copy
 import errno
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -24,6 +26,7 @@ from rmt.models import RMT
 from rmt.models.fast.ops import fused_linear, linear_chunks
 from rmt.models.hub import save_hub_folder
 from rmt.models.masa import MaSA, TokenConv
+from rmt.models.rmt import FFN
 from rmt.runtime.accuracy import evaluate
 from rmt.runtime.classifier import Classifier
 from rmt.tools.benchmark import _OnnxRunner, _OpenVINORunner, benchmark, profile_onnx
@@ -278,6 +281,43 @@ def test_export_form_of_masa(tiny):
     graph = str(traced.inlined_graph)
     assert "aten::scaled_dot_product_attention" in graph and "aten::flip" not in graph  # no pair swap left
 
+
+
+def test_export_form_of_the_ffn(tiny):
+    """The FFN's export form: NCHW, fc1/fc2 as 1x1 convolutions around the (folded) depthwise one, so that an
+    exported graph changes the layout of the C-channel input and output only; the same logits, and the
+    model it was made from is untouched."""
+    folded = export_form(tiny)
+    ffns = [m for m in folded.modules() if isinstance(m, FFN)]
+    assert ffns and all(m.reparameterized and isinstance(m.fc1, torch.nn.Conv2d) and m.fc1.kernel_size == (1, 1)
+                        and not m.dwconv.residual for m in ffns)
+    assert not any(m.reparameterized for m in tiny.modules() if isinstance(m, FFN))
+    images = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (folded(images) - tiny(images)).abs().max() < 1e-5
+        traced = torch.jit.trace(folded, images, check_trace=False)
+    # the FFN's layout changes now move its C-channel input and output, not its hidden tensor: far fewer values
+    unfolded_ffns = copy.deepcopy(tiny)
+    for module in unfolded_ffns.modules():
+        if isinstance(module, (MaSA, TokenConv)):
+            module.reparameterize()
+    with torch.no_grad():
+        before = _permuted_values(torch.jit.trace(unfolded_ffns, images, check_trace=False))
+    inputs = []  # what each FFN call permutes now (its input and output) instead of its hidden tensor (twice)
+    hooks = [m.register_forward_hook(lambda m, args, out: inputs.append((args[0].numel(), m.fc1.out_channels
+                                                                         // m.fc1.in_channels))) for m in ffns]
+    with torch.no_grad():
+        folded(images)
+    for hook in hooks:
+        hook.remove()
+    saved = sum(2 * numel * (ratio - 1) for numel, ratio in inputs)
+    assert _permuted_values(traced) == before - saved
+
+
+def _permuted_values(traced) -> int:
+    """How many tensor elements the permutes of a traced model move."""
+    return sum(math.prod(next(n.inputs()).type().sizes()) for n in traced.inlined_graph.nodes()
+               if n.kind() == "aten::permute")
 
 @pytest.mark.e2e
 def test_static_graph_for_accelerators(tiny, tmp_path, capsys):
