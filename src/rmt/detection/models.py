@@ -30,7 +30,6 @@ import inspect
 import os
 import re
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,8 +40,6 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 from ..errors import RMTError, did_you_mean
 from ..models.backbone import RMTBackbone, official_backbone_state
-from ..models.hub import hub_weights_file
-from ..models.weights import read_weights
 from ..training.config import config_from_dict
 from ..training.dense_checkpoints import (
     config_disagrees,
@@ -52,6 +49,7 @@ from ..training.dense_checkpoints import (
     official_backbone_variant,
     official_class_names,
     parse_official_config,
+    read_dense_checkpoint,
     read_official_file,
 )
 from .cascade import CascadeRoIHeads
@@ -276,14 +274,7 @@ def read_detector_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.T
     """``(state dict in our layout, DetConfig, class names)`` of a detection run's ``model.safetensors``,
     ``best.pth`` or ``last.pth``, of a model folder written by ``rmt convert`` (its ``model.safetensors``),
     or of an official (mmdet 2.11) RMT detector checkpoint (:func:`read_official_detector`)."""
-    path = Path(path)
-    if path.is_dir():
-        path = hub_weights_file(path)
-    official = read_official_detector(path)
-    if official is not None:
-        return official
-    state, meta = read_weights(path, task="detection")
-    return state, config_from_dict(DetConfig, meta["config"]), list(meta["class_names"])
+    return read_dense_checkpoint(path, "detection", DetConfig, read_official_detector)
 
 
 def init_detector_from(model: nn.Module, path: str | os.PathLike, cfg: DetConfig) -> Dict[str, List]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,8 +27,6 @@ from torchvision.ops import FeaturePyramidNetwork
 from ..data.ade20k import IGNORE_INDEX
 from ..errors import RMTError, did_you_mean
 from ..models.backbone import RMTBackbone, official_backbone_state
-from ..models.hub import hub_weights_file
-from ..models.weights import read_weights
 from ..training.config import config_from_dict
 from ..training.dense_checkpoints import (
     config_disagrees,
@@ -39,6 +36,7 @@ from ..training.dense_checkpoints import (
     official_backbone_variant,
     official_class_names,
     parse_official_config,
+    read_dense_checkpoint,
     read_official_file,
 )
 from .config import ARCHS, SegConfig
@@ -198,14 +196,7 @@ def read_segmentor_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.
     """``(state dict in our layout, SegConfig, class names)`` of a segmentation run's ``model.safetensors``,
     ``best.pth`` or ``last.pth``, of a model folder written by ``rmt convert`` (its ``model.safetensors``),
     or of an official (mmseg 0.13) RMT Semantic FPN / UperNet checkpoint (:func:`read_official_segmentor`)."""
-    path = Path(path)
-    if path.is_dir():
-        path = hub_weights_file(path)
-    official = read_official_segmentor(path)
-    if official is not None:
-        return official
-    state, meta = read_weights(path, task="segmentation")
-    return state, config_from_dict(SegConfig, meta["config"]), list(meta["class_names"])
+    return read_dense_checkpoint(path, "segmentation", SegConfig, read_official_segmentor)
 
 
 def init_segmentor_from(model: Segmentor, path: str | os.PathLike, cfg: SegConfig) -> Dict[str, List[str]]:

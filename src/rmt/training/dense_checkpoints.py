@@ -15,16 +15,19 @@ import ast
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 from ..errors import RMTError
+from ..models.hub import hub_weights_file
 from ..models.rmt import MODEL_ARGS
-from ..models.weights import META_KEY, infer_arch, open_checkpoint, unwrap_state_dict
+from ..models.weights import META_KEY, infer_arch, open_checkpoint, read_weights, unwrap_state_dict
+from .config import config_from_dict
 
-__all__ = ["OfficialFile", "read_official_file", "official_class_names", "official_backbone_variant",
+__all__ = ["OfficialFile", "read_official_file", "read_dense_checkpoint", "official_class_names",
+           "official_backbone_variant",
            "official_backbone_settings", "config_disagrees", "parse_official_config", "load_exactly",
            "load_fitting", "describe_init", "check_class_names"]
 
@@ -48,6 +51,22 @@ def read_official_file(path: str | os.PathLike) -> Optional[OfficialFile]:
     meta = raw.get(META_KEY) if isinstance(raw.get(META_KEY), dict) else {}
     text = meta.get("config") if isinstance(meta.get("config"), str) else None
     return OfficialFile(unwrap_state_dict({"state_dict": raw["state_dict"]}), meta, text)
+
+
+def read_dense_checkpoint(path: str | os.PathLike, task: str, config_class: Type,
+                          read_official: Callable[[Path], Optional[Tuple[Dict[str, torch.Tensor], Any, List[str]]]]
+                          ) -> Tuple[Dict[str, torch.Tensor], Any, List[str]]:
+    """``(state dict in our layout, run config, class names)`` of a dense task's model: a run's
+    ``model.safetensors``, ``best.pth`` or ``last.pth``, a model folder written by ``rmt convert`` (its
+    ``model.safetensors``), or an official file, which ``read_official`` reads (``None``: not one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = hub_weights_file(path)
+    official = read_official(path)
+    if official is not None:
+        return official
+    state, meta = read_weights(path, task=task)
+    return state, config_from_dict(config_class, meta["config"]), list(meta["class_names"])
 
 
 def official_class_names(meta: Dict[str, Any], count: int) -> List[str]:
