@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["DETECTION_SCALE", "SEGMENTATION_SCALE", "PIXEL_MEAN", "PIXEL_STD", "PreparedImage",
-           "keep_ratio_size", "resize_keep_ratio", "normalize_pixels", "pad_to_multiple", "prepare_image"]
+           "keep_ratio_size", "resize_keep_ratio", "resize_masks", "normalize_pixels", "pad_to_multiple",
+           "prepare_image"]
 
 DETECTION_SCALE = (1333, 800)
 """``img_scale`` of the official COCO test pipelines (long side <= 1333, short side <= 800)."""
@@ -58,6 +59,16 @@ def resize_keep_ratio(image: np.ndarray, scale: Sequence[int]) -> Tuple[np.ndarr
     resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     w_scale, h_scale = new_w / w, new_h / h
     return resized, np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)
+
+
+def resize_masks(masks: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Instance masks ``(N, H, W)`` uint8 resized to ``size = (height, width)`` with OpenCV's nearest-neighbour
+    sampling, as the official pipelines resize ground-truth masks with their image."""
+    cv2 = _cv2()
+    h, w = size
+    if len(masks) == 0:
+        return np.zeros((0, h, w), dtype=masks.dtype)
+    return np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) for m in masks])
 
 
 def normalize_pixels(image: np.ndarray, mean: Sequence[float] = PIXEL_MEAN, std: Sequence[float] = PIXEL_STD

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
-from ..data.dense_pipeline import keep_ratio_size, prepare_image
+from ..data.dense_pipeline import prepare_image, resize_masks
 from .ops import ImageMeta
 
 __all__ = ["DetectionTransform", "SIZE_DIVISOR"]
@@ -36,8 +36,6 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def _resize_target(target: Dict[str, torch.Tensor], meta: ImageMeta) -> Dict[str, torch.Tensor]:
-    import cv2  # a dependency (rmt.data.dense_pipeline uses it too)
-
     target = dict(target)
     h, w = meta.img_shape
     boxes = target["boxes"] * meta.scale_factor.to(target["boxes"])
@@ -45,9 +43,8 @@ def _resize_target(target: Dict[str, torch.Tensor], meta: ImageMeta) -> Dict[str
     target["boxes"] = torch.minimum(boxes.clamp(min=0), limit)
     if "masks" in target:
         masks = target["masks"]
-        resized = [cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) for m in masks.cpu().numpy().astype(np.uint8)]
-        target["masks"] = (torch.from_numpy(np.stack(resized)) if resized
-                           else masks.new_zeros((0, h, w))).to(masks.device, masks.dtype)
+        resized = resize_masks(masks.cpu().numpy().astype(np.uint8), (h, w))
+        target["masks"] = torch.from_numpy(resized).to(masks.device, masks.dtype)
     return target
 
 
@@ -73,10 +70,6 @@ class DetectionTransform(nn.Module):
         else:
             short = self.min_sizes[-1]
         return self.max_size, short
-
-    def input_size(self, height: int, width: int) -> Tuple[int, int]:
-        """The resized (unpadded) size of an evaluation image."""
-        return keep_ratio_size(height, width, (self.max_size, self.min_sizes[-1]))
 
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None
                 ) -> Tuple[ImageList, Optional[List[Dict[str, torch.Tensor]]]]:
